@@ -1,0 +1,163 @@
+"""The two methods side by side: what is added to the frozen base, what trains, what is saved.
+
+* P-Tuning v2: a :class:`~glmtune.prefix.PrefixEncoder` (float32) on ``model.prefix_encoder``; it is the
+  only thing that trains; a checkpoint is ``prefix_encoder.safetensors`` + ``prefix_config.json``.
+* LoRA: PEFT's LoraConfig on every linear layer of the decoder (or ``--lora_target``); the LoRA
+  matrices train (PEFT keeps them float32); a checkpoint is a standard PEFT adapter folder.
+"""
+
+import json
+import logging
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from glmtune.arguments import LoraArguments, PtuningArguments
+from glmtune.errors import GlmtuneError
+from glmtune.prefix import PrefixEncoder, attach_prefix
+
+logger = logging.getLogger(__name__)
+
+PREFIX_WEIGHTS = "prefix_encoder.safetensors"
+PREFIX_CONFIG = "prefix_config.json"
+PREFIX_SHAPE_KEYS = ("num_layers", "kv_heads", "head_dim")
+
+
+# ----------------------------------------------------------------------------- P-Tuning v2
+
+
+def prefix_config(model_config, args: PtuningArguments) -> dict:
+    hidden_size = model_config.hidden_size
+    heads = model_config.num_attention_heads
+    return {
+        "pre_seq_len": args.pre_seq_len,
+        "prefix_projection": args.prefix_projection,
+        "prefix_hidden_size": args.prefix_hidden_size or hidden_size,
+        "embedding_dim": hidden_size,
+        "num_layers": model_config.num_hidden_layers,
+        "kv_heads": getattr(model_config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(model_config, "head_dim", None) or hidden_size // heads,
+    }
+
+
+def add_prefix_encoder(model, args: PtuningArguments):
+    """Freeze the base, attach a float32 prefix encoder (loaded from --ptuning_checkpoint if given)."""
+    config = prefix_config(model.config, args)
+    if args.ptuning_checkpoint:
+        config = _checked_checkpoint_config(args.ptuning_checkpoint, config, args)
+    encoder = PrefixEncoder(
+        config["pre_seq_len"], config["num_layers"], config["kv_heads"], config["head_dim"],
+        projection=config["prefix_projection"], embedding_dim=config["embedding_dim"],
+        hidden_size=config["prefix_hidden_size"], dropout=args.prefix_dropout,
+    ).to(device=model.device, dtype=torch.float32)  # trainable weights stay fp32 whatever the base dtype
+    encoder.glmtune_config = config
+    model.requires_grad_(False)
+    attach_prefix(model, encoder)
+    if args.ptuning_checkpoint:
+        load_prefix_weights(model, args.ptuning_checkpoint)
+    if getattr(model, "is_quantized", False):
+        # The Trainer refuses quantized bases without "adapters"; the prefix encoder is one.
+        model._hf_peft_config_loaded = True
+    log_trainable(model)
+    return model
+
+
+def _checked_checkpoint_config(checkpoint: str, expected: dict, args: PtuningArguments) -> dict:
+    """The checkpoint's prefix config, after checking it fits this base and the flags given."""
+    saved = read_json(os.path.join(checkpoint, PREFIX_CONFIG), "--ptuning_checkpoint")
+    mismatched = [key for key in PREFIX_SHAPE_KEYS if saved.get(key) != expected[key]]
+    if mismatched:
+        details = ", ".join(f"{key} {saved.get(key)} vs {expected[key]}" for key in mismatched)
+        raise GlmtuneError(f"--ptuning_checkpoint {checkpoint} was trained on a different base model ({details})")
+    flags = {"pre_seq_len": args.pre_seq_len, "prefix_projection": args.prefix_projection or None}
+    for key, value in flags.items():
+        if value is not None and saved.get(key) != value:
+            raise GlmtuneError(
+                f"--ptuning_checkpoint {checkpoint} was trained with {key} {saved.get(key)}, but --{key} is {value}: "
+                f"use the training value (or leave the flag out to take it from the checkpoint)"
+            )
+    return {**expected, **{key: saved[key] for key in ("pre_seq_len", "prefix_projection", "prefix_hidden_size", "embedding_dim")}}
+
+
+def read_json(path: str, flag: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise GlmtuneError(f"{flag}: {path} is missing (not a glmtune P-Tuning checkpoint?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise GlmtuneError(f"{flag}: {path} is corrupt: {error}") from None
+
+
+def save_prefix_checkpoint(model, output_dir: str) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    encoder = model.prefix_encoder
+    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in encoder.state_dict().items()}
+    save_file(weights, os.path.join(output_dir, PREFIX_WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(output_dir, PREFIX_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(encoder.glmtune_config, f, indent=2)
+
+
+def load_prefix_weights(model, checkpoint: str) -> None:
+    path = os.path.join(checkpoint, PREFIX_WEIGHTS)
+    try:
+        weights = load_file(path)
+    except FileNotFoundError:
+        raise GlmtuneError(f"{checkpoint}: no {PREFIX_WEIGHTS} in it") from None
+    except Exception as error:  # safetensors raises its own error types for truncated files
+        raise GlmtuneError(f"{path} is corrupt: {error}") from None
+    try:
+        model.prefix_encoder.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        raise GlmtuneError(f"{path} does not fit this prefix encoder: {error}") from None
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def add_lora(model, args: LoraArguments):
+    """Wrap the frozen base with LoRA adapters (new ones, or --lora_checkpoint's)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model.requires_grad_(False)
+    if args.lora_checkpoint:
+        try:
+            model = PeftModel.from_pretrained(model, args.lora_checkpoint, is_trainable=False)
+        except (ValueError, OSError, RuntimeError) as error:
+            raise GlmtuneError(f"--lora_checkpoint {args.lora_checkpoint}: cannot load this adapter: {error}") from None
+    else:
+        config = LoraConfig(
+            task_type="CAUSAL_LM", r=args.lora_rank, lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout, target_modules=lora_targets(args.lora_target),
+        )
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as error:
+            raise GlmtuneError(f"--lora_target {args.lora_target}: {error}") from None
+    log_trainable(model)
+    return model
+
+
+def lora_targets(spec: str):
+    """'all' -> every linear layer except the output head (PEFT's 'all-linear'); else a list of names."""
+    if spec.strip() == "all":
+        return "all-linear"
+    return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+# ----------------------------------------------------------------------------- both
+
+
+def is_prefix_tuned(model) -> bool:
+    return hasattr(model, "prefix_encoder")
+
+
+def trainable_state_dict(model) -> dict:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def log_trainable(model) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("Trainable parameters: %s of %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)

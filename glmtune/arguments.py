@@ -1,0 +1,149 @@
+"""Command-line arguments, one dataclass per concern.
+
+Flag names follow the ChatGLM-6B / ChatGLM2-6B ``ptuning/`` scripts so that their ``train.sh`` and
+``evaluate.sh`` keep working. Every field's ``help`` is its documentation; checks that involve more
+than one field live in :mod:`glmtune.parsing`.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+IGNORE_INDEX = -100  # label value that the cross-entropy loss skips (prompt and padding positions)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "Local folder of the base model (config.json + weights + tokenizer files)."}
+    )
+    quantization_bit: Optional[int] = field(
+        default=None,
+        metadata={"help": "Quantize the frozen base to 4 (NF4) or 8 bits with bitsandbytes. Needs a CUDA GPU."},
+    )
+    torch_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the frozen base: auto (bfloat16 on GPUs that support it, else float16; float32 "
+            "on CPU), bfloat16, float16 or float32. Trainable weights are always kept in float32."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow the model folder to run its own Python code. Off by default: it executes code."},
+    )
+
+
+@dataclass
+class DataArguments:
+    train_file: Optional[str] = field(default=None, metadata={"help": "Training data: JSON lines or a JSON array."})
+    validation_file: Optional[str] = field(
+        default=None, metadata={"help": "Evaluation data for --do_eval (same format as --train_file)."}
+    )
+    test_file: Optional[str] = field(
+        default=None, metadata={"help": "Prediction data for --do_predict (same format as --train_file)."}
+    )
+    prompt_column: str = field(default="content", metadata={"help": "Field holding the user's query."})
+    response_column: str = field(default="summary", metadata={"help": "Field holding the expected answer."})
+    history_column: Optional[str] = field(
+        default=None,
+        metadata={"help": "Optional field holding earlier rounds as a list of [query, answer] pairs."},
+    )
+    source_prefix: str = field(default="", metadata={"help": "Text prepended to every query."})
+    prompt_template: str = field(
+        default="auto",
+        metadata={
+            "help": "How a query (and history) becomes the prompt: auto (the tokenizer's chat template if it has "
+            "one, else chatglm2), chat_template, chatglm2 ('[Round 1]\\n\\n问：…\\n\\n答：'), chatglm "
+            "(ChatGLM-6B: raw query, or '[Round 0]\\n问：…\\n答：' rounds with history) or raw (the query alone)."
+        },
+    )
+    max_source_length: int = field(default=1024, metadata={"help": "Prompt tokens kept per sample."})
+    max_target_length: int = field(default=128, metadata={"help": "Answer tokens kept per training sample."})
+    val_max_target_length: Optional[int] = field(
+        default=None,
+        metadata={"help": "Answer tokens kept as evaluation labels, and new tokens generated. Default: max_target_length."},
+    )
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+    max_predict_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N test rows."})
+    preprocessing_num_workers: Optional[int] = field(
+        default=None, metadata={"help": "Processes used to tokenize the data (datasets.map num_proc)."}
+    )
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Tokenize again instead of reusing the datasets cache."}
+    )
+    ignore_pad_token_for_loss: bool = field(
+        default=True,
+        metadata={"help": "Kept for compatibility with the ChatGLM scripts: padding never counts in the loss."},
+    )
+
+
+@dataclass
+class PtuningArguments:
+    pre_seq_len: Optional[int] = field(
+        default=None, metadata={"help": "P-Tuning v2: number of trainable prefix key/value positions per layer."}
+    )
+    prefix_projection: bool = field(
+        default=False,
+        metadata={"help": "P-Tuning v2: produce the prefixes through a two-layer MLP instead of a plain embedding."},
+    )
+    prefix_hidden_size: Optional[int] = field(
+        default=None, metadata={"help": "P-Tuning v2: width of that MLP. Default: the model's hidden size."}
+    )
+    prefix_dropout: float = field(
+        default=0.1, metadata={"help": "P-Tuning v2: dropout on the prefixes while training (ChatGLM uses 0.1)."}
+    )
+    ptuning_checkpoint: Optional[str] = field(
+        default=None, metadata={"help": "P-Tuning v2: a checkpoint folder to load the prefix encoder from."}
+    )
+
+
+@dataclass
+class LoraArguments:
+    lora_rank: Optional[int] = field(default=None, metadata={"help": "LoRA: rank r (default 8)."})
+    lora_alpha: Optional[float] = field(default=None, metadata={"help": "LoRA: scaling alpha (default 32)."})
+    lora_dropout: Optional[float] = field(default=None, metadata={"help": "LoRA: dropout (default 0.1)."})
+    lora_target: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "LoRA: comma-separated module names to adapt, or 'all' (default) for every linear layer "
+            "of the decoder except the output head."
+        },
+    )
+    lora_checkpoint: Optional[str] = field(
+        default=None, metadata={"help": "LoRA: an adapter folder (PEFT format) to load and evaluate."}
+    )
+
+
+LORA_DEFAULTS = {"lora_rank": 8, "lora_alpha": 32.0, "lora_dropout": 0.1, "lora_target": "all"}
+
+
+@dataclass
+class GenerationArguments:
+    max_new_tokens: Optional[int] = field(
+        default=None, metadata={"help": "Tokens generated per sample. Default: val_max_target_length."}
+    )
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy/beam decoding."})
+    top_p: float = field(default=0.7, metadata={"help": "Nucleus sampling threshold (with --do_sample)."})
+    temperature: float = field(default=0.95, metadata={"help": "Sampling temperature (with --do_sample)."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search width (1 = no beam search)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty for repeated tokens (1.0 = none)."})
+
+    def to_generate_kwargs(self, default_max_new_tokens: int) -> dict:
+        kwargs = {
+            "max_new_tokens": self.max_new_tokens or default_max_new_tokens,
+            "do_sample": self.do_sample,
+            "num_beams": self.num_beams,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        if self.do_sample:
+            kwargs.update(top_p=self.top_p, temperature=self.temperature)
+        return kwargs
+
+
+@dataclass
+class RunArguments:
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow training into an --output_dir that already holds checkpoints of another run."},
+    )

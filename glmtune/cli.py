@@ -1,0 +1,20 @@
+"""Entry point shared by ptuning/main.py and lora/main.py: parse, run, and turn known problems into
+one clear ``error:`` line per problem and exit status 2 (no traceback)."""
+
+import logging
+import sys
+
+from glmtune.errors import GlmtuneError
+
+
+def main(method: str, argv=None) -> dict:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from glmtune.parsing import parse_args  # imported here so that --help stays fast
+    from glmtune.workflow import run
+
+    try:
+        return run(parse_args(method, argv))
+    except GlmtuneError as error:
+        for line in str(error).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,254 @@
+"""Data: read and validate files, prompt -> token ids and labels, batch padding.
+
+Records are read and checked here (clear errors with file, line and field) and handed to ``datasets``
+through a generator, so tokenization is cached by ``datasets`` and redone when the file, tokenizer,
+template or lengths change. Token layout (any tokenizer)::
+
+    train: input_ids = prompt[:max_source_length] + answer[:max_target_length] + [eos]
+           labels    = [-100] * len(prompt)        + answer[:max_target_length] + [eos]
+    eval:  input_ids = prompt[:max_source_length]   labels = answer[:val_max_target_length]
+
+Truncation keeps the head of the prompt, as ChatGLM's scripts do, but keeps the template's answer cue
+(e.g. "\\n\\n答：") at its end. Batches are padded to their longest sample only: right for training,
+left for generation.
+"""
+
+import json
+import logging
+import os
+
+import datasets
+import torch
+
+from glmtune.arguments import IGNORE_INDEX, DataArguments
+from glmtune.errors import DataError
+from glmtune.prompt import PromptFormat
+
+logger = logging.getLogger(__name__)
+
+FEATURES = datasets.Features(
+    {
+        "prompt": datasets.Value("string"),
+        "response": datasets.Value("string"),
+        "history": datasets.List(datasets.List(datasets.Value("string"))),
+    }
+)
+DATA_README = "see data/README.md for the format"
+READER_VERSION = 1  # bump when read_records changes what it yields, to invalidate cached datasets
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_records(path: str, prompt_column: str, response_column: str, history_column=None):
+    """Yield ``{"prompt", "response", "history"}`` for every record of a JSON-lines file or JSON array.
+
+    ``null`` counts as an empty string; any other non-string value, a missing field or a malformed
+    line stops with a :class:`DataError` naming the file, the line and the field.
+    """
+    text = _read_text(path)
+    count = 0
+    for where, record in _json_records(path, text):
+        count += 1
+        yield _normalize(where, record, prompt_column, response_column, history_column)
+    if count == 0:
+        raise DataError(f"{path}: no records in the file ({DATA_README})")
+
+
+def _read_text(path: str) -> str:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {error.start}); save the file as UTF-8") from None
+
+
+def _json_records(path: str, text: str):
+    """(location, value) pairs: 'file:line' for JSON lines, 'file: element N' for a JSON array."""
+    if text.lstrip().startswith("["):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{error.lineno}: invalid JSON array ({error.msg}, column {error.colno})") from None
+        for index, value in enumerate(values):
+            yield f"{path}: element {index}", value
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{number}", json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: invalid JSON ({error.msg}, column {error.colno}); {DATA_README}") from None
+
+
+def _normalize(where: str, record, prompt_column: str, response_column: str, history_column):
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return {
+        "prompt": _text_field(where, record, prompt_column, "--prompt_column"),
+        "response": _text_field(where, record, response_column, "--response_column"),
+        "history": _history_field(where, record, history_column) if history_column else [],
+    }
+
+
+def _text_field(where: str, record: dict, column: str, flag: str) -> str:
+    if column not in record:
+        present = ", ".join(sorted(record)) or "none"
+        raise DataError(f"{where}: no field '{column}' ({flag}); fields present: {present}")
+    value = record[column]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{column}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _history_field(where: str, record: dict, column: str) -> list:
+    value = record.get(column)
+    if value is None:
+        return []
+    shape_error = DataError(f"{where}: field '{column}' must be a list of [query, answer] pairs of strings")
+    if not isinstance(value, list):
+        raise shape_error
+    for pair in value:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise shape_error
+    return value
+
+
+def load_split(path: str, data_args: DataArguments) -> datasets.Dataset:
+    """A validated file as a ``datasets.Dataset`` (cached by file path, size and modification time)."""
+    stat = os.stat(path)
+    gen_kwargs = {
+        "path": os.path.abspath(path),
+        "prompt_column": data_args.prompt_column,
+        "response_column": data_args.response_column,
+        "history_column": data_args.history_column,
+    }
+    try:
+        return datasets.Dataset.from_generator(
+            read_records, gen_kwargs=gen_kwargs, features=FEATURES,
+            fingerprint=_fingerprint(gen_kwargs, stat),
+        )
+    except datasets.exceptions.DatasetGenerationError as error:
+        if isinstance(error.__cause__, DataError):
+            raise error.__cause__ from None
+        raise
+
+
+def _fingerprint(gen_kwargs: dict, stat) -> str:
+    from datasets.fingerprint import Hasher
+
+    return Hasher.hash([READER_VERSION, gen_kwargs, stat.st_size, stat.st_mtime_ns])
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+class Encoder:
+    """prompt/response/history -> input_ids/labels (+ truncation flags), for ``datasets.map``."""
+
+    def __init__(self, tokenizer, prompt_format: PromptFormat, max_source_length: int, max_target_length: int, train: bool):
+        self.tokenizer = tokenizer
+        self.format = prompt_format
+        self.max_source_length = max_source_length
+        self.max_target_length = max_target_length
+        self.train = train
+        # Chat templates write their own special tokens (BOS, [gMASK], ...); plain templates rely on the tokenizer's.
+        self.add_special_tokens = prompt_format.template != "chat_template"
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"input_ids": [], "labels": [], "source_truncated": [], "target_truncated": []}
+        for prompt, response, history in zip(batch["prompt"], batch["response"], batch["history"]):
+            prompt_ids, source_cut = self.encode_prompt(prompt, history)
+            answer_ids = self.tokenizer.encode(response, add_special_tokens=False)
+            target_cut = len(answer_ids) > self.max_target_length
+            answer_ids = answer_ids[: self.max_target_length]
+            if self.train:
+                answer_ids = answer_ids + [self.tokenizer.eos_token_id]
+                out["input_ids"].append(prompt_ids + answer_ids)
+                out["labels"].append([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
+            else:
+                out["input_ids"].append(prompt_ids)
+                out["labels"].append(answer_ids)
+            out["source_truncated"].append(source_cut)
+            out["target_truncated"].append(target_cut)
+        return out
+
+    def encode_prompt(self, prompt: str, history) -> tuple[list, bool]:
+        ids = self.tokenizer.encode(self.format.render(prompt, history), add_special_tokens=self.add_special_tokens)
+        if len(ids) <= self.max_source_length:
+            return ids, False
+        tail = self.tokenizer.encode(self.format.tail(history), add_special_tokens=False)
+        keep_tail = min(len(tail), self.max_source_length // 2)
+        head = ids[: self.max_source_length - keep_tail]
+        return head + (ids[len(ids) - keep_tail :] if keep_tail else []), True
+
+
+def tokenize(dataset, tokenizer, prompt_format, data_args: DataArguments, split: str):
+    """Drop unusable training rows, tokenize, report truncation. ``split``: train, eval or predict."""
+    train = split == "train"
+    if train:
+        before = len(dataset)
+        dataset = dataset.filter(_has_prompt_and_response, desc="Skipping empty rows")
+        if len(dataset) < before:
+            logger.warning("train: skipped %d of %d rows whose prompt or response is empty", before - len(dataset), before)
+        if len(dataset) == 0:
+            raise DataError(f"{data_args.train_file}: every row has an empty prompt or response")
+    target_length = data_args.max_target_length if train else data_args.val_max_target_length
+    encoder = Encoder(tokenizer, prompt_format, data_args.max_source_length, target_length, train)
+    dataset = dataset.map(
+        encoder, batched=True, remove_columns=dataset.column_names, num_proc=data_args.preprocessing_num_workers,
+        load_from_cache_file=not data_args.overwrite_cache, desc=f"Tokenizing {split}",
+    )
+    _report_truncation(dataset, split, data_args.max_source_length, target_length)
+    return dataset
+
+
+def _has_prompt_and_response(row: dict) -> bool:
+    return bool(row["prompt"]) and bool(row["response"])
+
+
+def _report_truncation(dataset, split: str, max_source: int, max_target: int) -> None:
+    sources, targets = sum(dataset["source_truncated"]), sum(dataset["target_truncated"])
+    if sources:
+        logger.warning("%s: %d of %d prompts were longer than max_source_length %d and were truncated",
+                       split, sources, len(dataset), max_source)
+    if targets:
+        logger.warning("%s: %d of %d answers were longer than %d tokens and were truncated",
+                       split, targets, len(dataset), max_target)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+class Collator:
+    """Pad a batch to its longest sample: right for training, left for generation (the new tokens follow
+    the prompt directly). Labels pad with -100 so padding never counts in the loss."""
+
+    def __init__(self, pad_token_id: int, padding_side: str, pad_to_multiple_of: int = 8):
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, features: list) -> dict:
+        input_ids = [f["input_ids"] for f in features]
+        labels = [f["labels"] for f in features]
+        batch = {
+            "input_ids": self._pad(input_ids, self.pad_token_id),
+            "attention_mask": self._pad([[1] * len(ids) for ids in input_ids], 0),
+            "labels": self._pad(labels, IGNORE_INDEX),
+        }
+        return batch
+
+    def _pad(self, rows: list, value: int) -> torch.Tensor:
+        length = max(len(row) for row in rows)
+        length = -(-length // self.multiple) * self.multiple
+        padded = [
+            [value] * (length - len(row)) + list(row) if self.padding_side == "left" else list(row) + [value] * (length - len(row))
+            for row in rows
+        ]
+        return torch.tensor(padded, dtype=torch.long)

@@ -1,0 +1,17 @@
+"""Errors that end a run with one clear message and exit status 2 (see glmtune.cli)."""
+
+
+class GlmtuneError(Exception):
+    """A problem the user can fix: bad flags, bad data, a model or checkpoint that does not fit."""
+
+
+class ArgumentsError(GlmtuneError):
+    """Several argument problems, reported together."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class DataError(GlmtuneError):
+    """A data file that cannot be used; the message names the file, the line and the field."""

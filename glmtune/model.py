@@ -1,0 +1,72 @@
+"""Tokenizer and frozen base model: dtype policy, quantization, device. Nothing method-specific."""
+
+import logging
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from glmtune.arguments import ModelArguments
+from glmtune.errors import GlmtuneError
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(model_args: ModelArguments):
+    path = model_args.model_name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise GlmtuneError(f"--model_name_or_path {path}: cannot load its tokenizer: {error}") from None
+    if tokenizer.eos_token_id is None:
+        raise GlmtuneError(f"--model_name_or_path {path}: the tokenizer has no eos token, so answers cannot end")
+    if tokenizer.pad_token_id is None:
+        # Padding is always masked out of attention and loss, so any id works; eos is the usual choice.
+        logger.info("The tokenizer has no pad token; padding with the eos token %r", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def select_dtype(name: str) -> torch.dtype:
+    """'auto': bfloat16 on GPUs that have it (fp16's range overflows in long runs), else float16; float32 on CPU."""
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(bits: int, compute_dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401  (only to give a clear message when it is missing)
+    except ImportError:
+        raise GlmtuneError(
+            f"--quantization_bit {bits} needs bitsandbytes: pip install -r requirements-gpu.txt"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_base_model(model_args: ModelArguments):
+    """The base model with every parameter frozen; only the method's own weights will train."""
+    dtype = select_dtype(model_args.torch_dtype)
+    kwargs = {"dtype": dtype, "attn_implementation": "sdpa", "trust_remote_code": model_args.trust_remote_code}
+    if model_args.quantization_bit:
+        kwargs["quantization_config"] = quantization_config(model_args.quantization_bit, dtype)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}  # bitsandbytes quantizes on the GPU
+    path = model_args.model_name_or_path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise GlmtuneError(f"--model_name_or_path {path}: cannot load the model: {error}") from None
+    model.requires_grad_(False)
+    model.config.use_cache = False  # the cache only helps generation, which turns it back on
+    logger.info("Loaded %s (%s, %.1fM parameters)", path, dtype, model.num_parameters() / 1e6)
+    return model

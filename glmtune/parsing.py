@@ -1,0 +1,226 @@
+"""Turn argv (or a .json file / dict) into validated argument dataclasses.
+
+All cross-argument checks live in :func:`check_args`; it gathers every problem and raises once, so a
+user fixing a script sees the whole list instead of one error per run.
+"""
+
+import glob
+import os
+import sys
+from dataclasses import dataclass, fields
+
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+
+from glmtune.arguments import (
+    LORA_DEFAULTS,
+    DataArguments,
+    GenerationArguments,
+    LoraArguments,
+    ModelArguments,
+    PtuningArguments,
+    RunArguments,
+)
+from glmtune.errors import ArgumentsError
+
+METHODS = ("ptuning", "lora")
+DATA_EXTENSIONS = (".json", ".jsonl")
+TEMPLATES = ("auto", "chat_template", "chatglm2", "chatglm", "raw")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ARGUMENT_CLASSES = (
+    ModelArguments,
+    DataArguments,
+    PtuningArguments,
+    LoraArguments,
+    GenerationArguments,
+    RunArguments,
+    Seq2SeqTrainingArguments,
+)
+
+
+@dataclass
+class RunConfig:
+    method: str
+    model: ModelArguments
+    data: DataArguments
+    ptuning: PtuningArguments
+    lora: LoraArguments
+    generation: GenerationArguments
+    run: RunArguments
+    training: Seq2SeqTrainingArguments
+
+
+def parse_args(method: str, args=None) -> RunConfig:
+    """Parse argv, a single .json path, or a dict; validate; fill method defaults."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    args = sys.argv[1:] if args is None else args
+    try:
+        if isinstance(args, dict):
+            parsed = parser.parse_dict(args)
+        elif len(args) == 1 and args[0].endswith(".json"):
+            parsed = parser.parse_json_file(os.path.abspath(args[0]))
+        else:
+            parsed = parser.parse_args_into_dataclasses(args)
+    except ValueError as error:  # TrainingArguments' own checks, unknown keys in a dict/json
+        raise ArgumentsError([str(error)]) from None
+    config = RunConfig(method, *parsed)
+    check_args(config)
+    _fill_defaults(config)
+    return config
+
+
+def check_args(config: RunConfig) -> None:
+    problems = (
+        _method_problems(config)
+        + _range_problems(config)
+        + _task_problems(config)
+        + _path_problems(config)
+    )
+    if problems:
+        raise ArgumentsError(problems)
+
+
+def _explicit(dataclass_obj, names) -> list[str]:
+    """Names of fields set away from their defaults (the other method's flags default to None/False)."""
+    defaults = {f.name: f.default for f in fields(dataclass_obj)}
+    return [name for name in names if getattr(dataclass_obj, name) != defaults[name]]
+
+
+def _method_problems(config: RunConfig) -> list[str]:
+    problems = []
+    ptuning_flags = _explicit(config.ptuning, ["pre_seq_len", "prefix_projection", "prefix_hidden_size", "ptuning_checkpoint"])
+    lora_flags = _explicit(config.lora, [f.name for f in fields(LoraArguments)])
+    if config.method == "lora" and ptuning_flags:
+        problems.append(
+            f"{_flags(ptuning_flags)} belong to P-Tuning v2, but lora/main.py trains LoRA adapters: "
+            "remove them, or run ptuning/main.py"
+        )
+    if config.method == "ptuning":
+        if lora_flags:
+            problems.append(
+                f"{_flags(lora_flags)} belong to LoRA, but ptuning/main.py trains a P-Tuning v2 prefix: "
+                "remove them, or run lora/main.py"
+            )
+        if config.ptuning.pre_seq_len is None and not config.ptuning.ptuning_checkpoint:
+            problems.append("--pre_seq_len is required for P-Tuning v2 (the ChatGLM scripts use 128)")
+    return problems
+
+
+def _flags(names) -> str:
+    return ", ".join(f"--{name}" for name in names)
+
+
+def _range_problems(config: RunConfig) -> list[str]:
+    data, problems = config.data, []
+    if config.model.quantization_bit not in (None, 4, 8):
+        problems.append(f"--quantization_bit must be 4 or 8, got {config.model.quantization_bit}")
+    if config.model.torch_dtype not in DTYPES:
+        problems.append(f"--torch_dtype must be one of {', '.join(DTYPES)}, got {config.model.torch_dtype!r}")
+    if data.prompt_template not in TEMPLATES:
+        problems.append(f"--prompt_template must be one of {', '.join(TEMPLATES)}, got {data.prompt_template!r}")
+    if data.prompt_template == "raw" and data.history_column:
+        problems.append("--prompt_template raw has no place for history: drop --history_column or pick another template")
+    positive = {
+        "max_source_length": data.max_source_length,
+        "max_target_length": data.max_target_length,
+        "val_max_target_length": data.val_max_target_length,
+        "max_train_samples": data.max_train_samples,
+        "max_eval_samples": data.max_eval_samples,
+        "max_predict_samples": data.max_predict_samples,
+        "pre_seq_len": config.ptuning.pre_seq_len,
+        "prefix_hidden_size": config.ptuning.prefix_hidden_size,
+        "lora_rank": config.lora.lora_rank,
+        "max_new_tokens": config.generation.max_new_tokens,
+        "num_beams": config.generation.num_beams,
+    }
+    problems += [f"--{name} must be a positive integer, got {value}" for name, value in positive.items() if value is not None and value <= 0]
+    for name, value in {"prefix_dropout": config.ptuning.prefix_dropout, "lora_dropout": config.lora.lora_dropout}.items():
+        if value is not None and not 0 <= value < 1:
+            problems.append(f"--{name} must be in [0, 1), got {value}")
+    if config.model.quantization_bit in (4, 8) and not _cuda_available():
+        problems.append(
+            f"--quantization_bit {config.model.quantization_bit} needs a CUDA GPU (bitsandbytes kernels), and none is "
+            "visible here: remove the flag to use the full-precision base"
+        )
+    return problems
+
+
+def _task_problems(config: RunConfig) -> list[str]:
+    data, training, problems = config.data, config.training, []
+    if not (training.do_train or training.do_eval or training.do_predict):
+        problems.append("nothing to do: give --do_train, --do_eval and/or --do_predict")
+    for flag, needed_file, file_flag in [
+        ("do_train", data.train_file, "train_file"),
+        ("do_eval", data.validation_file, "validation_file"),
+        ("do_predict", data.test_file, "test_file"),
+    ]:
+        if getattr(training, flag) and not needed_file:
+            problems.append(f"--{flag} needs --{file_flag}")
+    if data.test_file and not training.do_predict:
+        problems.append("--test_file is given but --do_predict is not: add --do_predict, or drop --test_file")
+    return problems
+
+
+def _path_problems(config: RunConfig) -> list[str]:
+    problems = []
+    for flag in ("train_file", "validation_file", "test_file"):
+        problems += _data_file_problems(flag, getattr(config.data, flag))
+    model_dir = config.model.model_name_or_path
+    if not os.path.isdir(model_dir):
+        problems.append(f"--model_name_or_path {model_dir}: no such folder (models are loaded from local folders only)")
+    elif not os.path.isfile(os.path.join(model_dir, "config.json")):
+        problems.append(f"--model_name_or_path {model_dir}: not a model folder (no config.json in it)")
+    for flag, path in (("ptuning_checkpoint", config.ptuning.ptuning_checkpoint), ("lora_checkpoint", config.lora.lora_checkpoint)):
+        if path is not None and not os.path.isdir(path):
+            problems.append(f"--{flag} {path}: no such folder")
+    problems += _output_dir_problems(config)
+    return problems
+
+
+def _data_file_problems(flag: str, path) -> list[str]:
+    if path is None:
+        return []
+    if os.path.isdir(path):
+        return [f"--{flag} {path}: is a folder, expected a .json or .jsonl file"]
+    if not os.path.isfile(path):
+        return [f"--{flag} {path}: no such file"]
+    if not path.endswith(DATA_EXTENSIONS):
+        return [f"--{flag} {path}: expected a .json or .jsonl file (JSON lines or a JSON array)"]
+    return []
+
+
+def _output_dir_problems(config: RunConfig) -> list[str]:
+    training = config.training
+    if not training.do_train or config.run.overwrite_output_dir or training.resume_from_checkpoint:
+        return []
+    if glob.glob(os.path.join(training.output_dir, "checkpoint-*")):
+        return [
+            f"--output_dir {training.output_dir} already holds checkpoints of another run: add "
+            "--overwrite_output_dir to train over it, --resume_from_checkpoint to continue it, or pick a new folder"
+        ]
+    return []
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _fill_defaults(config: RunConfig) -> None:
+    data, training = config.data, config.training
+    if data.val_max_target_length is None:
+        data.val_max_target_length = data.max_target_length
+    if config.method == "lora":
+        for name, value in LORA_DEFAULTS.items():
+            if getattr(config.lora, name) is None:
+                setattr(config.lora, name, value)
+    # Non-reentrant checkpointing lets gradients reach the prefix encoder, whose output every
+    # checkpointed layer reads without receiving it as an input (reentrant mode would drop them).
+    if training.gradient_checkpointing_kwargs is None:
+        training.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if training.do_predict:
+        training.predict_with_generate = True  # prediction means generating text to score
+    training.remove_unused_columns = False  # our collators build exactly the model's inputs
+    training.label_names = ["labels"]  # PEFT wrappers hide the forward signature the Trainer reads this from

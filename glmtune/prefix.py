@@ -1,0 +1,139 @@
+"""P-Tuning v2: a trainable prefix of keys and values in front of every attention layer.
+
+Why our own and not PEFT's ``PrefixTuningConfig``: PEFT feeds the prefix in through the KV cache, which
+refuses gradient checkpointing (transformers 5.17 / peft 0.21) and shifts every real token's position by
+``pre_seq_len``. Here the prefix is joined to each layer's keys/values inside the attention function,
+after rotary embedding and after the cache update, exactly as ChatGLM's P-Tuning v2 does:
+
+* prefix keys get no rotary embedding; real tokens keep their own positions;
+* every query sees the whole prefix; padding and causality among real tokens are masked as usual;
+* the KV cache holds only real tokens, so batched, left-padded generation works unchanged;
+* the prefix is computed once per forward outside the decoder layers, so checkpointed layers read the
+  same tensor when they are recomputed (non-reentrant checkpointing carries its gradient).
+
+It works with any transformers model whose attention goes through ``AttentionInterface`` and knows its
+``layer_idx`` (GLM, GLM-4, Llama, Qwen2, Mistral, ...), whatever the base's dtype or quantization.
+"""
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "glmtune_prefix_sdpa"
+
+
+class PrefixEncoder(nn.Module):
+    """``pre_seq_len`` rows -> per-layer prefix keys and values.
+
+    Without projection the embedding row is the prefix itself (width ``num_layers * 2 * kv_heads *
+    head_dim``); with projection an embedding of ``embedding_dim`` goes through Linear-Tanh-Linear.
+    The output layout matches ChatGLM's: the flat width is (layer, key/value, head, head_dim).
+    """
+
+    def __init__(self, pre_seq_len, num_layers, kv_heads, head_dim, projection=False, embedding_dim=None,
+                 hidden_size=None, dropout=0.0):
+        super().__init__()
+        self.shape = (num_layers, 2, kv_heads, head_dim)
+        kv_size = num_layers * 2 * kv_heads * head_dim
+        if projection:
+            self.embedding = nn.Embedding(pre_seq_len, embedding_dim)
+            self.trans = nn.Sequential(
+                nn.Linear(embedding_dim, hidden_size), nn.Tanh(), nn.Linear(hidden_size, kv_size)
+            )
+        else:
+            self.embedding = nn.Embedding(pre_seq_len, kv_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self) -> torch.Tensor:
+        """Returns ``[num_layers, 2, kv_heads, pre_seq_len, head_dim]``."""
+        prefix = self.embedding.weight
+        if hasattr(self, "trans"):
+            prefix = self.trans(prefix)
+        prefix = self.dropout(prefix)
+        return prefix.view(prefix.shape[0], *self.shape).permute(1, 2, 3, 0, 4)
+
+
+class PrefixState:
+    """The prefix of the forward pass in progress, shared by the model and its attention layers.
+
+    A plain object (not an nn.Module), so attaching it to every attention layer adds no parameters.
+    """
+
+    def __init__(self):
+        self.key_values = None
+
+    def layer(self, layer_idx: int, batch_size: int, dtype: torch.dtype):
+        keys, values = self.key_values[layer_idx].to(dtype)
+        return keys.expand(batch_size, -1, -1, -1), values.expand(batch_size, -1, -1, -1)
+
+
+def prefix_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA attention over [prefix keys/values] + the layer's own keys/values."""
+    state = getattr(module, "prefix_state", None)
+    if state is None or state.key_values is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    prefix_keys, prefix_values = state.layer(module.layer_idx, key.shape[0], key.dtype)
+    mask = _mask_with_prefix(attention_mask, query, key, prefix_keys.shape[2])
+    key = torch.cat([prefix_keys, key], dim=2)
+    value = torch.cat([prefix_values, value], dim=2)
+    return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
+
+
+def _mask_with_prefix(attention_mask, query, key, pre_seq_len):
+    """Prepend ``pre_seq_len`` always-visible columns to the real tokens' mask.
+
+    transformers passes ``None`` when the mask is purely causal (it relies on SDPA's ``is_causal``,
+    which aligns top-left and so would be wrong once the prefix makes keys longer than queries): build
+    the causal mask explicitly then, aligning the queries to the last keys (they follow the KV cache).
+    """
+    q_len, k_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        rows = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
+        attention_mask = (torch.arange(k_len, device=query.device)[None, :] <= rows)[None, None]
+    attention_mask = attention_mask[..., -k_len:]
+    shape = (*attention_mask.shape[:-1], pre_seq_len)
+    if attention_mask.dtype == torch.bool:
+        visible = torch.ones(shape, dtype=torch.bool, device=attention_mask.device)
+    else:  # additive float mask: 0 means visible
+        visible = torch.zeros(shape, dtype=attention_mask.dtype, device=attention_mask.device)
+    return torch.cat([visible, attention_mask], dim=-1)
+
+
+def register_attention() -> None:
+    """Make ``ATTENTION_NAME`` known to transformers (idempotent); masks are built as for SDPA."""
+    AttentionInterface.register(ATTENTION_NAME, prefix_sdpa_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def attention_layers(model) -> list:
+    """The model's self-attention modules, one per decoder layer, in layer order."""
+    layers = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "config") and _projects_qkv(m)]
+    return sorted(layers, key=lambda m: m.layer_idx)
+
+
+def _projects_qkv(module) -> bool:
+    return any(hasattr(module, name) for name in ("q_proj", "qkv_proj", "query_key_value", "c_attn"))
+
+
+def attach_prefix(model, encoder: PrefixEncoder) -> None:
+    """Install ``encoder`` on ``model``: every forward computes the prefix once, every layer reads it."""
+    register_attention()
+    layers = attention_layers(model)
+    num_layers = encoder.shape[0]
+    if len(layers) != num_layers:
+        raise ValueError(
+            f"P-Tuning v2 found {len(layers)} attention layers with a layer index in this model, expected "
+            f"{num_layers}: its attention does not go through transformers' AttentionInterface"
+        )
+    state = PrefixState()
+    for layer in layers:
+        layer.prefix_state = state
+    model.prefix_encoder = encoder
+    model.set_attn_implementation(ATTENTION_NAME)
+
+    def compute_prefix(module, args, kwargs):
+        state.key_values = encoder()
+
+    model.register_forward_pre_hook(compute_prefix, with_kwargs=True)

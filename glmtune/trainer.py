@@ -1,0 +1,99 @@
+"""A narrow Seq2SeqTrainer subclass: save/load only the trained weights, generate for evaluation.
+
+Checkpoints (``checkpoint-N/`` and the final output folder):
+
+* P-Tuning v2: ``prefix_encoder.safetensors`` + ``prefix_config.json`` (pre_seq_len, projection, shape);
+* LoRA: PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` (``PeftModel.from_pretrained`` loads it);
+* both: tokenizer files, ``training_args.bin``, and in step checkpoints the optimizer, scheduler, RNG and
+  ``trainer_state.json`` that ``--resume_from_checkpoint`` needs.
+"""
+
+import contextlib
+import json
+import os
+
+import torch
+from transformers import Seq2SeqTrainer
+
+from glmtune.adapters import is_prefix_tuned, load_prefix_weights, save_prefix_checkpoint
+from glmtune.metrics import decode_texts
+
+PREDICTIONS_FILE = "generated_predictions.txt"
+
+
+class GlmtuneTrainer(Seq2SeqTrainer):
+    def __init__(self, *args, eval_collator=None, generate_kwargs: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_collator = eval_collator or self.data_collator
+        self.generate_kwargs = generate_kwargs or {}
+
+    # Generation needs left padding, training right padding: evaluation batches use their own collator.
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._collating_with(self.eval_collator):
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._collating_with(self.eval_collator):
+            return super().get_test_dataloader(test_dataset)
+
+    @contextlib.contextmanager
+    def _collating_with(self, collator):
+        train_collator, self.data_collator = self.data_collator, collator
+        try:
+            yield
+        finally:
+            self.data_collator = train_collator
+
+    # ------------------------------------------------------------------ saving and loading
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if not is_prefix_tuned(model):
+            return super()._save(output_dir, state_dict)  # PEFT's save_pretrained writes the adapter only
+        output_dir = output_dir or self.args.output_dir
+        save_prefix_checkpoint(model, output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model or self.model
+        if is_prefix_tuned(self.accelerator.unwrap_model(model)):
+            load_prefix_weights(self.accelerator.unwrap_model(model), resume_from_checkpoint)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if is_prefix_tuned(model):
+            load_prefix_weights(model, self.state.best_model_checkpoint)
+        else:
+            super()._load_best_model()
+
+    # ------------------------------------------------------------------ generation
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        """Generate from the left-padded prompt and return only the new tokens (the prompt is cut off)."""
+        if not self.args.predict_with_generate or prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        prompt = inputs["input_ids"]
+        with torch.no_grad():
+            generated = self.model.generate(
+                input_ids=prompt, attention_mask=inputs["attention_mask"], **{**self.generate_kwargs, **gen_kwargs}
+            )
+        return None, generated[:, prompt.shape[1]:], inputs.get("labels")
+
+    def save_predictions(self, prediction_output, output_dir: str | None = None) -> str:
+        """Write ``generated_predictions.txt``: one ``{"labels", "predict"}`` JSON per input row, in order."""
+        path = os.path.join(output_dir or self.args.output_dir, PREDICTIONS_FILE)
+        if not self.is_world_process_zero():
+            return path
+        predictions = decode_texts(self.processing_class, prediction_output.predictions)
+        labels = decode_texts(self.processing_class, prediction_output.label_ids)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            for label, prediction in zip(labels, predictions):
+                f.write(json.dumps({"labels": label, "predict": prediction}, ensure_ascii=False) + "\n")
+        os.replace(path + ".tmp", path)  # a reader never sees a half-written file
+        return path

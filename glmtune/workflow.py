@@ -1,0 +1,134 @@
+"""One run, composed of named steps: arguments -> data -> model -> trainer -> predictions and metrics.
+
+Data is read and tokenized before the model loads, so bad data fails in seconds, and nothing is
+written to --output_dir before every input has been checked.
+"""
+
+import logging
+import os
+
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from glmtune.adapters import add_lora, add_prefix_encoder
+from glmtune.data import Collator, load_split, tokenize
+from glmtune.errors import GlmtuneError
+from glmtune.metrics import ComputeMetrics
+from glmtune.model import load_base_model, load_tokenizer
+from glmtune.parsing import RunConfig
+from glmtune.prompt import PromptFormat
+from glmtune.trainer import GlmtuneTrainer
+
+logger = logging.getLogger(__name__)
+
+SPLITS = {  # split -> (file flag, sample limit flag, task flag)
+    "train": ("train_file", "max_train_samples", "do_train"),
+    "eval": ("validation_file", "max_eval_samples", "do_eval"),
+    "predict": ("test_file", "max_predict_samples", "do_predict"),
+}
+
+
+def run(config: RunConfig) -> dict:
+    training = config.training
+    set_seed(training.seed)
+    tokenizer = load_tokenizer(config.model)
+    prompt_format = PromptFormat(config.data.prompt_template, tokenizer, config.data.source_prefix)
+    datasets = prepare_datasets(config, tokenizer, prompt_format)
+    model = attach_method(config, load_base_model(config.model))
+    trainer = build_trainer(config, model, tokenizer, datasets)
+    results = {}
+    if training.do_train:
+        results.update(train(trainer, config, len(datasets["train"])))
+    if training.do_eval:
+        results.update(evaluate(trainer, len(datasets["eval"])))
+    if training.do_predict:
+        results.update(predict(trainer, datasets["predict"]))
+    return results
+
+
+def prepare_datasets(config: RunConfig, tokenizer, prompt_format) -> dict:
+    datasets = {}
+    for split, (file_flag, limit_flag, task_flag) in SPLITS.items():
+        if not getattr(config.training, task_flag):
+            continue
+        dataset = load_split(getattr(config.data, file_flag), config.data)
+        limit = getattr(config.data, limit_flag)
+        if limit is not None:
+            dataset = dataset.select(range(min(limit, len(dataset))))
+        encoded_as = "train" if split == "train" or not config.training.predict_with_generate else split
+        datasets[split] = tokenize(dataset, tokenizer, prompt_format, config.data, encoded_as)
+    if "train" in datasets:
+        _log_example(tokenizer, datasets["train"][0])
+    return datasets
+
+
+def _log_example(tokenizer, example: dict) -> None:
+    labels = [token for token in example["labels"] if token >= 0]
+    logger.info("First training sample:\n  input: %r\n  label: %r",
+                tokenizer.decode(example["input_ids"]), tokenizer.decode(labels))
+
+
+def attach_method(config: RunConfig, model):
+    if config.method == "ptuning":
+        return add_prefix_encoder(model, config.ptuning)
+    return add_lora(model, config.lora)
+
+
+def build_trainer(config: RunConfig, model, tokenizer, datasets: dict) -> GlmtuneTrainer:
+    training = config.training
+    generating = training.predict_with_generate
+    generate_kwargs = config.generation.to_generate_kwargs(config.data.val_max_target_length)
+    generate_kwargs.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    return GlmtuneTrainer(
+        model=model,
+        args=training,
+        train_dataset=datasets.get("train"),
+        eval_dataset=datasets.get("eval"),
+        processing_class=tokenizer,
+        data_collator=Collator(tokenizer.pad_token_id, "right"),
+        eval_collator=Collator(tokenizer.pad_token_id, "left" if generating else "right"),
+        compute_metrics=ComputeMetrics(tokenizer) if generating else None,
+        generate_kwargs=generate_kwargs,
+    )
+
+
+def train(trainer: GlmtuneTrainer, config: RunConfig, samples: int) -> dict:
+    checkpoint = resolve_checkpoint(config.training.resume_from_checkpoint, config.training.output_dir)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()  # the final trained weights, in --output_dir itself
+    metrics = {**result.metrics, "train_samples": samples}
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    return metrics
+
+
+def resolve_checkpoint(resume_from_checkpoint, output_dir: str):
+    """A checkpoint folder, or 'last'/'true' for the newest complete ``checkpoint-N`` in --output_dir."""
+    if resume_from_checkpoint is None:
+        return None
+    if str(resume_from_checkpoint).lower() not in ("last", "true"):
+        if not os.path.isdir(resume_from_checkpoint):
+            raise GlmtuneError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder")
+        return resume_from_checkpoint
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if last is None:
+        raise GlmtuneError(f"--resume_from_checkpoint {resume_from_checkpoint}: no checkpoint-N folder in {output_dir}")
+    return last
+
+
+def evaluate(trainer: GlmtuneTrainer, samples: int) -> dict:
+    metrics = {**trainer.evaluate(metric_key_prefix="eval"), "eval_samples": samples}
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    return metrics
+
+
+def predict(trainer: GlmtuneTrainer, dataset) -> dict:
+    output = trainer.predict(dataset, metric_key_prefix="predict")
+    metrics = {**output.metrics, "predict_samples": len(dataset)}
+    trainer.log_metrics("predict", metrics)
+    trainer.save_metrics("predict", metrics)
+    path = trainer.save_predictions(output)
+    logger.info("Wrote %d predictions to %s", len(dataset), path)
+    return metrics

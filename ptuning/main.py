@@ -1,0 +1,17 @@
+"""P-Tuning v2: train a prefix encoder on a frozen (optionally 4/8-bit) base, evaluate, predict.
+
+    bash ptuning/train.sh       # train on data/adgen-toy with the embedded tiny model
+    bash ptuning/evaluate.sh    # generate for the dev set, write generated_predictions.txt and scores
+
+Every flag: python ptuning/main.py --help (documented in glmtune/arguments.py).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, no install
+
+from glmtune.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    main("ptuning")
