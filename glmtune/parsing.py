@@ -102,8 +102,8 @@ def _method_problems(config: RunConfig) -> list[str]:
                 f"{_flags(lora_flags)} belong to LoRA, but ptuning/main.py trains a P-Tuning v2 prefix: "
                 "remove them, or run lora/main.py"
             )
-        if config.ptuning.pre_seq_len is None and not config.ptuning.ptuning_checkpoint:
-            problems.append("--pre_seq_len is required for P-Tuning v2 (the ChatGLM scripts use 128)")
+        if config.training.do_train and config.ptuning.pre_seq_len is None and not config.ptuning.ptuning_checkpoint:
+            problems.append("--pre_seq_len is required to train P-Tuning v2 (the ChatGLM scripts use 128)")
     return problems
 
 

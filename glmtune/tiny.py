@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
+PRETRAIN_STEPS = 250
 SPECIAL_TOKENS = ["<|endoftext|>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
 TINY_SHAPE = dict(
     hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -22,13 +23,9 @@ TINY_SHAPE = dict(
 
 
 def read_texts(data_file: str) -> list[str]:
-    """Every attribute list and every description of an ADGEN-format JSON-lines file."""
-    texts = []
+    """Each record of an ADGEN-format JSON-lines file as raw text: attribute list, newline, description."""
     with open(data_file, encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            texts += [record["content"], record["summary"]]
-    return texts
+        return [f"{record['content']}\n{record['summary']}" for record in map(json.loads, f)]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 3000) -> PreTrainedTokenizerFast:
@@ -76,12 +73,11 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, batch_size: int = 3
         schedule.step()
         optimizer.zero_grad()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
-def build(data_file: str, out_dir: str, steps: int = 400, seed: int = 0, **shape) -> float:
+def build(data_file: str, out_dir: str, steps: int = PRETRAIN_STEPS, seed: int = 0, **shape) -> float:
     """Tokenizer + tiny GLM pretrained for ``steps`` steps, saved to ``out_dir``. Returns the last loss."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     texts = read_texts(data_file)
     tokenizer = train_tokenizer(texts)
     model = tiny_model(tokenizer, seed=seed, **shape)

@@ -69,6 +69,9 @@ def _log_example(tokenizer, example: dict) -> None:
 
 
 def attach_method(config: RunConfig, model):
+    if not config.training.do_train and not (config.ptuning.ptuning_checkpoint or config.lora.lora_checkpoint):
+        logger.warning("No checkpoint given: evaluating the base model alone (the 'before' of a comparison)")
+        return model
     if config.method == "ptuning":
         return add_prefix_encoder(model, config.ptuning)
     return add_lora(model, config.lora)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# LoRA evaluation, in the shape of the ChatGLM ptuning evaluate.sh: generate an answer for every
+# row of TEST_FILE, write OUTPUT_DIR/generated_predictions.txt and predict_results.json (Rouge-1/2/L, BLEU-4).
+# CHECKPOINT is the training output folder (final weights) or one of its checkpoint-N folders (set STEP);
+# CHECKPOINT=none scores the base model alone, for a before/after comparison.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+### model
+MODEL=${MODEL:-models/tiny-glm}
+QUANTIZATION_BIT=${QUANTIZATION_BIT:-}
+LORA_RANK=${LORA_RANK:-8}
+LR=${LR:-2e-3}
+CHECKPOINT=${CHECKPOINT:-output/adgen-toy-lora-$LORA_RANK-$LR}
+STEP=${STEP:-}                                # e.g. 300 to use $CHECKPOINT/checkpoint-300
+### data
+TEST_FILE=${TEST_FILE:-data/adgen-toy/dev.json}
+PROMPT_COLUMN=${PROMPT_COLUMN:-content}
+RESPONSE_COLUMN=${RESPONSE_COLUMN:-summary}
+HISTORY_COLUMN=${HISTORY_COLUMN:-}
+MAX_SOURCE_LENGTH=${MAX_SOURCE_LENGTH:-64}
+MAX_TARGET_LENGTH=${MAX_TARGET_LENGTH:-64}
+### decoding
+EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-32}        # prompts generated together (left-padded)
+OUTPUT_DIR=${OUTPUT_DIR:-$CHECKPOINT}
+PYTHON=${PYTHON:-python3}
+
+bash scripts/ensure_model.sh "$MODEL"
+extra=()
+[ -n "$QUANTIZATION_BIT" ] && extra+=(--quantization_bit "$QUANTIZATION_BIT")
+[ -n "$HISTORY_COLUMN" ] && extra+=(--history_column "$HISTORY_COLUMN")
+if [ "$CHECKPOINT" = "none" ]; then
+    OUTPUT_DIR=${OUTPUT_DIR/#none/output/base-model}
+else
+    extra+=(--lora_checkpoint "$CHECKPOINT${STEP:+/checkpoint-$STEP}")
+fi
+
+$PYTHON lora/main.py \
+    --do_predict \
+    --model_name_or_path "$MODEL" \
+    --test_file "$TEST_FILE" \
+    --prompt_column "$PROMPT_COLUMN" \
+    --response_column "$RESPONSE_COLUMN" \
+    --max_source_length "$MAX_SOURCE_LENGTH" \
+    --max_target_length "$MAX_TARGET_LENGTH" \
+    --per_device_eval_batch_size "$EVAL_BATCH_SIZE" \
+    --output_dir "$OUTPUT_DIR" \
+    --report_to none \
+    "${extra[@]}" "$@"

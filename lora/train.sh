@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# LoRA training (PEFT), in the shape of the ChatGLM ptuning scripts and ChatGLM-Tuning.
+# As shipped it trains the embedded tiny model on the toy ADGEN data (built on first use, no download).
+# For your own run, edit the variables below (or set them in the environment), e.g. for ChatGLM's
+# published recipe: MODEL=/path/to/glm-4-9b TRAIN_FILE=AdvertiseGen/train.json DEV_FILE=AdvertiseGen/dev.json
+#   LORA_RANK=8 LR=2e-4 QUANTIZATION_BIT=4 MAX_SOURCE_LENGTH=64 MAX_TARGET_LENGTH=64 BATCH_SIZE=1 GRAD_ACCUM=16 MAX_STEPS=3000
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+### model
+MODEL=${MODEL:-models/tiny-glm}              # local model folder; models/tiny-glm is built when missing
+QUANTIZATION_BIT=${QUANTIZATION_BIT:-}        # 4 or 8 to quantize the frozen base (CUDA GPU + bitsandbytes); empty: none
+### data
+TRAIN_FILE=${TRAIN_FILE:-data/adgen-toy/train.json}
+DEV_FILE=${DEV_FILE:-data/adgen-toy/dev.json}
+PROMPT_COLUMN=${PROMPT_COLUMN:-content}
+RESPONSE_COLUMN=${RESPONSE_COLUMN:-summary}
+HISTORY_COLUMN=${HISTORY_COLUMN:-}            # field with earlier [query, answer] rounds; empty: none
+MAX_SOURCE_LENGTH=${MAX_SOURCE_LENGTH:-64}
+MAX_TARGET_LENGTH=${MAX_TARGET_LENGTH:-64}
+### method
+LORA_RANK=${LORA_RANK:-8}
+LORA_ALPHA=${LORA_ALPHA:-32}
+LORA_DROPOUT=${LORA_DROPOUT:-0.1}
+LORA_TARGET=${LORA_TARGET:-all}                 # comma-separated module names, or all linear layers
+LR=${LR:-2e-3}
+### training
+BATCH_SIZE=${BATCH_SIZE:-16}                  # per device
+GRAD_ACCUM=${GRAD_ACCUM:-1}
+MAX_STEPS=${MAX_STEPS:-300}
+SAVE_STEPS=${SAVE_STEPS:-100}
+OUTPUT_DIR=${OUTPUT_DIR:-output/adgen-toy-lora-$LORA_RANK-$LR}
+PYTHON=${PYTHON:-python3}
+
+bash scripts/ensure_model.sh "$MODEL"
+extra=()
+[ -n "$QUANTIZATION_BIT" ] && extra+=(--quantization_bit "$QUANTIZATION_BIT")
+[ -n "$HISTORY_COLUMN" ] && extra+=(--history_column "$HISTORY_COLUMN")
+
+$PYTHON lora/main.py \
+    --do_train \
+    --model_name_or_path "$MODEL" \
+    --train_file "$TRAIN_FILE" \
+    --validation_file "$DEV_FILE" \
+    --prompt_column "$PROMPT_COLUMN" \
+    --response_column "$RESPONSE_COLUMN" \
+    --max_source_length "$MAX_SOURCE_LENGTH" \
+    --max_target_length "$MAX_TARGET_LENGTH" \
+    --lora_rank "$LORA_RANK" \
+    --lora_alpha "$LORA_ALPHA" \
+    --lora_dropout "$LORA_DROPOUT" \
+    --lora_target "$LORA_TARGET" \
+    --learning_rate "$LR" \
+    --per_device_train_batch_size "$BATCH_SIZE" \
+    --gradient_accumulation_steps "$GRAD_ACCUM" \
+    --max_steps "$MAX_STEPS" \
+    --logging_steps 10 \
+    --save_steps "$SAVE_STEPS" \
+    --output_dir "$OUTPUT_DIR" \
+    --overwrite_output_dir \
+    --report_to tensorboard \
+    "${extra[@]}" "$@"
