@@ -52,6 +52,7 @@ def add_prefix_encoder(model, args: PtuningArguments):
         hidden_size=config["prefix_hidden_size"], dropout=args.prefix_dropout,
     ).to(device=model.device, dtype=torch.float32)  # trainable weights stay fp32 whatever the base dtype
     encoder.glmtune_config = config
+    encoder.train(model.training)  # a new module starts in training mode; follow the model's
     model.requires_grad_(False)
     attach_prefix(model, encoder)
     if args.ptuning_checkpoint:

@@ -237,12 +237,15 @@ class Collator:
     def __call__(self, features: list) -> dict:
         input_ids = [f["input_ids"] for f in features]
         labels = [f["labels"] for f in features]
-        batch = {
+        attention_mask = self._pad([[1] * len(ids) for ids in input_ids], 0)
+        return {
             "input_ids": self._pad(input_ids, self.pad_token_id),
-            "attention_mask": self._pad([[1] * len(ids) for ids in input_ids], 0),
+            "attention_mask": attention_mask,
+            # Real tokens count from 0 whichever side is padded: prefix keys carry no position, so a
+            # shifted query position would change what it reads from the prefix.
+            "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
             "labels": self._pad(labels, IGNORE_INDEX),
         }
-        return batch
 
     def _pad(self, rows: list, value: int) -> torch.Tensor:
         length = max(len(row) for row in rows)

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny GLM (2 layers, random weights) and its tokenizer, built once per session."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from glmtune import tiny
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_TRAIN = REPO / "data" / "adgen-toy" / "train.json"
+TOY_DEV = REPO / "data" / "adgen-toy" / "dev.json"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved 2-layer GLM with random weights (GQA: 4 heads, 2 key/value heads) and a toy-trained tokenizer."""
+    out = tmp_path_factory.mktemp("tiny-glm")
+    tiny.build(str(TOY_TRAIN), str(out), steps=0, num_hidden_layers=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture()
+def model(tiny_model_dir):
+    """A fresh float32 copy of the tiny model for each test (tests may attach adapters to it)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    """Write raw lines (strings) or records (dicts) as a JSON-lines file."""
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n")
+    return path

@@ -1,0 +1,139 @@
+"""P-Tuning v2 prefix encoder: what trains, what it computes, and that it survives checkpointing and generation."""
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from glmtune.adapters import add_prefix_encoder
+from glmtune.arguments import PtuningArguments
+from glmtune.prefix import prefix_sdpa_attention
+from glmtune.prefix import attention_layers
+
+PRE_SEQ_LEN = 5
+
+
+def prefixed(model, projection=False, dropout=0.0):
+    model = add_prefix_encoder(model, PtuningArguments(pre_seq_len=PRE_SEQ_LEN, prefix_projection=projection,
+                                                       prefix_hidden_size=16, prefix_dropout=dropout))
+    torch.manual_seed(1)
+    for p in model.prefix_encoder.parameters():  # visible prefixes: N(0, 1) keys dominate a random tiny model
+        torch.nn.init.normal_(p, std=1.0)
+    return model
+
+
+def batch(tokenizer, texts, side="left"):
+    return tokenizer(texts, return_tensors="pt", padding=True, padding_side=side)
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_only_prefix_parameters_receive_gradients(model, tokenizer, projection):
+    model = prefixed(model, projection=projection).train()
+    inputs = batch(tokenizer, ["类型#裙*颜色#白色", "类型#上衣"], side="right")
+    model(**inputs, labels=inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)).loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {"prefix_encoder.embedding.weight"}
+    if projection:
+        expected |= {f"prefix_encoder.trans.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
+    assert trainable == expected
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in expected)
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in expected)
+
+
+def test_attention_equals_explicit_softmax_with_prefix_keys(model):
+    """The attention function against softmax(QK^T/sqrt(d) + mask)V written out, prefix keys given explicitly."""
+    model = prefixed(model)
+    layer = attention_layers(model)[1]
+    state = layer.prefix_state
+    state.key_values = model.prefix_encoder().detach()
+    batch_size, heads, kv_heads, q_len, dim = 2, 4, 2, 6, 32
+    torch.manual_seed(0)
+    query = torch.randn(batch_size, heads, q_len, dim)
+    key, value = torch.randn(2, batch_size, kv_heads, q_len, dim)
+    pad = torch.tensor([[True] * q_len, [False, False] + [True] * (q_len - 2)])  # second row left-padded by 2
+    causal = torch.tril(torch.ones(q_len, q_len, dtype=torch.bool))
+    mask = (causal[None] & pad[:, None, :])[:, None]  # [B, 1, Q, K] as transformers builds it for SDPA
+    out, _ = prefix_sdpa_attention(layer, query, key, value, mask, scaling=dim ** -0.5, dropout=0.0)
+
+    prefix_keys, prefix_values = state.key_values[1]  # [kv_heads, P, D]
+    full_keys = torch.cat([prefix_keys.expand(batch_size, -1, -1, -1), key], dim=2).repeat_interleave(2, dim=1)
+    full_values = torch.cat([prefix_values.expand(batch_size, -1, -1, -1), value], dim=2).repeat_interleave(2, dim=1)
+    scores = query @ full_keys.transpose(-1, -2) / math.sqrt(dim)
+    visible = torch.cat([torch.ones(batch_size, 1, q_len, PRE_SEQ_LEN, dtype=torch.bool), mask], dim=-1)
+    expected = (scores.masked_fill(~visible, float("-inf")).softmax(-1) @ full_values).transpose(1, 2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_model_equals_prefix_given_as_kv_cache_with_unshifted_positions(model, tokenizer):
+    """Independent route: the plain model with the prefix pre-filled in its KV cache, real positions from 0."""
+    reference = copy.deepcopy(model)
+    model = prefixed(model)
+    inputs = batch(tokenizer, ["类型#裙*颜色#白色*风格#简约", "类型#上衣"], side="left")
+    mask = inputs["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens count from 0, as generate() counts them
+    with torch.no_grad():
+        logits = model(**inputs, position_ids=positions).logits
+        prefix = model.prefix_encoder()
+        cache = DynamicCache(config=reference.config)
+        for layer_idx, (keys, values) in enumerate(prefix):
+            cache.update(keys.expand(2, -1, -1, -1), values.expand(2, -1, -1, -1), layer_idx)
+        expected = reference(
+            input_ids=inputs["input_ids"], position_ids=positions, past_key_values=cache,
+            attention_mask=torch.cat([torch.ones(2, PRE_SEQ_LEN, dtype=mask.dtype), mask], dim=-1),
+        ).logits
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], expected[real], atol=1e-4, rtol=1e-4)
+    plain = reference(**inputs, position_ids=positions).logits
+    assert (logits[real] - plain[real]).abs().max() > 1e-2  # the prefix does change the output
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(model, tokenizer):
+    inputs = batch(tokenizer, ["类型#裙*颜色#白色", "类型#裤*材质#牛仔布*风格#街头"], side="right")
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    results = []
+    for checkpointing in (False, True):
+        run = prefixed(copy.deepcopy(model), projection=True).train()
+        if checkpointing:
+            run.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss = run(**inputs, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in run.named_parameters() if p.requires_grad}))
+    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss_plain)
+    assert grads_plain.keys() == grads_ckpt.keys() and grads_plain
+    for name in grads_plain:
+        assert grads_plain[name].abs().sum() > 0
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_left_padded_batched_generation_matches_one_at_a_time(model, tokenizer):
+    model = prefixed(model)
+    prompts = ["类型#上衣*颜色#白色*风格#简约*图案#刺绣", "类型#裙", "类型#裤*材质#牛仔布"]
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    inputs = batch(tokenizer, prompts, side="left")
+    together = model.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1]:]
+    for row, prompt in enumerate(prompts):
+        alone = batch(tokenizer, [prompt])
+        single = model.generate(**alone, **kwargs)[0, alone["input_ids"].shape[1]:]
+        assert together[row].tolist() == single.tolist()
+
+
+def test_kv_cache_generation_matches_full_recomputation(model, tokenizer):
+    """With the cache, each new token attends to prefix + cached real tokens exactly as without it."""
+    model = prefixed(model)
+    inputs = batch(tokenizer, ["类型#上衣*颜色#白色", "类型#裙*裙长#长裙*图案#碎花"], side="left")
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    cached = model.generate(**inputs, use_cache=True, **kwargs)
+    uncached = model.generate(**inputs, use_cache=False, **kwargs)
+    assert cached.tolist() == uncached.tolist()
+
+
+def test_prefix_dropout_is_active_only_in_training(model, tokenizer):
+    model = prefixed(model, dropout=0.5)
+    inputs = batch(tokenizer, ["类型#上衣"])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, model(**inputs).logits)
+        model.train()
+        assert not torch.equal(model(**inputs).logits, model(**inputs).logits)
