@@ -1,0 +1,172 @@
+"""Tests for glmtune.prompt: the exact prompt strings of every --prompt_template, and the answer cue."""
+
+import copy
+
+import pytest
+
+from glmtune.prompt import PromptFormat, resolve_template
+
+# A small chat template in the GLM-4 style, written with the tiny tokenizer's special tokens.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+HISTORY_1 = [["q1", "a1"]]
+HISTORY_2 = [["q1", "a1"], ["q2", "a2"]]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tokenizer):
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = CHAT_TEMPLATE
+    return chat
+
+
+def _messages(query, history):
+    messages = []
+    for old_query, answer in history:
+        messages += [{"role": "user", "content": old_query}, {"role": "assistant", "content": answer}]
+    return messages + [{"role": "user", "content": query}]
+
+
+# ----------------------------------------------------------------------------- chatglm2
+
+
+def test_chatglm2_without_history_is_wrapped_as_round_1():
+    prompt = PromptFormat("chatglm2").render("类型#裤*颜色#红")
+    assert prompt == "[Round 1]\n\n问：类型#裤*颜色#红\n\n答："
+    assert "\uff1a" in prompt and ":" not in prompt  # full-width colon U+FF1A, never ASCII
+
+
+def test_chatglm2_one_round_of_history():
+    assert PromptFormat("chatglm2").render("q", HISTORY_1) == (
+        "[Round 1]\n\n问：q1\n\n答：a1\n\n"
+        "[Round 2]\n\n问：q\n\n答："
+    )
+
+
+def test_chatglm2_two_rounds_of_history():
+    assert PromptFormat("chatglm2").render("q", HISTORY_2) == (
+        "[Round 1]\n\n问：q1\n\n答：a1\n\n"
+        "[Round 2]\n\n问：q2\n\n答：a2\n\n"
+        "[Round 3]\n\n问：q\n\n答："
+    )
+
+
+def test_chatglm2_empty_history_same_as_none():
+    fmt = PromptFormat("chatglm2")
+    assert fmt.render("q", []) == fmt.render("q", None) == "[Round 1]\n\n问：q\n\n答："
+
+
+# ----------------------------------------------------------------------------- chatglm (ChatGLM-6B)
+
+
+def test_chatglm_without_history_is_the_raw_query():
+    assert PromptFormat("chatglm").render("类型#裤") == "类型#裤"
+    assert PromptFormat("chatglm").render("类型#裤", []) == "类型#裤"
+
+
+def test_chatglm_with_history_counts_rounds_from_0():
+    assert PromptFormat("chatglm").render("q", HISTORY_1) == "[Round 0]\n问：q1\n答：a1\n[Round 1]\n问：q\n答："
+    assert PromptFormat("chatglm").render("q", HISTORY_2) == (
+        "[Round 0]\n问：q1\n答：a1\n"
+        "[Round 1]\n问：q2\n答：a2\n"
+        "[Round 2]\n问：q\n答："
+    )
+
+
+# ----------------------------------------------------------------------------- raw, source_prefix
+
+
+def test_raw_is_the_query_alone():
+    assert PromptFormat("raw").render("hello") == "hello"
+    assert PromptFormat("raw", source_prefix="P: ").render("hello") == "P: hello"
+
+
+def test_source_prefix_precedes_the_whole_plain_prompt():
+    assert PromptFormat("chatglm2", source_prefix="摘要：").render("q", HISTORY_1) == (
+        "摘要：[Round 1]\n\n问：q1\n\n答：a1\n\n[Round 2]\n\n问：q\n\n答："
+    )
+    assert PromptFormat("chatglm", source_prefix="PFX ").render("q") == "PFX q"
+    assert PromptFormat("chatglm", source_prefix="PFX ").render("q", HISTORY_1) == (
+        "PFX [Round 0]\n问：q1\n答：a1\n[Round 1]\n问：q\n答："
+    )
+
+
+def test_source_prefix_goes_into_the_last_user_message_of_a_chat_template(chat_tokenizer):
+    prompt = PromptFormat("chat_template", chat_tokenizer, source_prefix="PFX ").render("q", HISTORY_1)
+    expected = chat_tokenizer.apply_chat_template(
+        _messages("PFX q", HISTORY_1), tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == expected
+    assert prompt == "<|user|>\nq1\n<|assistant|>\na1\n<|user|>\nPFX q\n<|assistant|>\n"
+
+
+# ----------------------------------------------------------------------------- auto / chat_template
+
+
+def test_auto_without_chat_template_is_chatglm2(tokenizer):
+    assert tokenizer.chat_template is None
+    fmt = PromptFormat("auto", tokenizer)
+    assert fmt.template == "chatglm2"
+    assert fmt.render("q") == "[Round 1]\n\n问：q\n\n答："
+    assert resolve_template("auto", None) == "chatglm2"
+
+
+def test_auto_with_chat_template_uses_it(chat_tokenizer):
+    fmt = PromptFormat("auto", chat_tokenizer)
+    assert fmt.template == "chat_template"
+    assert fmt.render("q") == "<|user|>\nq\n<|assistant|>\n"
+
+
+def test_explicit_plain_template_wins_over_a_chat_template(chat_tokenizer):
+    assert PromptFormat("chatglm2", chat_tokenizer).render("q") == "[Round 1]\n\n问：q\n\n答："
+
+
+@pytest.mark.parametrize("history", [[], HISTORY_1, HISTORY_2], ids=["0-rounds", "1-round", "2-rounds"])
+def test_chat_template_matches_apply_chat_template(chat_tokenizer, history):
+    prompt = PromptFormat("chat_template", chat_tokenizer).render("类型#裤", history)
+    expected = chat_tokenizer.apply_chat_template(
+        _messages("类型#裤", history), tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == expected
+    assert prompt.count("<|user|>") == len(history) + 1
+    assert prompt.count("<|assistant|>") == len(history) + 1
+    assert prompt.endswith("<|user|>\n类型#裤\n<|assistant|>\n")
+
+
+def test_chat_template_on_a_tokenizer_without_one_raises(tokenizer):
+    with pytest.raises(ValueError, match="chat template"):
+        PromptFormat("chat_template", tokenizer)
+    with pytest.raises(ValueError, match="chat template"):
+        PromptFormat("chat_template", None)
+
+
+# ----------------------------------------------------------------------------- tail (the answer cue)
+
+
+@pytest.mark.parametrize("history", [None, HISTORY_1, HISTORY_2])
+def test_chatglm2_tail_is_the_answer_cue(history):
+    fmt = PromptFormat("chatglm2", source_prefix="PFX")
+    assert fmt.tail(history) == "\n\n答："
+    assert fmt.render("q", history).endswith("q" + fmt.tail(history))
+
+
+def test_chatglm_tail():
+    assert PromptFormat("chatglm").tail() == ""  # raw query: nothing follows it
+    assert PromptFormat("chatglm").tail(HISTORY_1) == "\n答："
+    assert PromptFormat("raw").tail() == ""
+
+
+def test_chat_template_tail_is_the_text_after_the_query(chat_tokenizer):
+    fmt = PromptFormat("chat_template", chat_tokenizer)
+    without_cue = chat_tokenizer.apply_chat_template(_messages("q", []), tokenize=False, add_generation_prompt=False)
+    with_cue = chat_tokenizer.apply_chat_template(_messages("q", []), tokenize=False, add_generation_prompt=True)
+    generation_prompt = with_cue[len(without_cue):]
+    assert generation_prompt == "<|assistant|>\n"
+    for history in (None, HISTORY_2):
+        tail = fmt.tail(history)
+        assert tail == "\n<|assistant|>\n"  # end of the user turn + the generation prompt
+        assert tail.endswith(generation_prompt)
+        assert fmt.render("q", history).endswith("q" + tail)
