@@ -57,11 +57,16 @@ def add_prefix_encoder(model, args: PtuningArguments):
     attach_prefix(model, encoder)
     if args.ptuning_checkpoint:
         load_prefix_weights(model, args.ptuning_checkpoint)
-    if getattr(model, "is_quantized", False):
-        # The Trainer refuses quantized bases without "adapters"; the prefix encoder is one.
-        model._hf_peft_config_loaded = True
+    allow_trainer_on_quantized(model)
     log_trainable(model)
     return model
+
+
+def allow_trainer_on_quantized(model) -> None:
+    """The Trainer refuses a quantized base that carries no PEFT adapter; ours carries a prefix encoder
+    (or nothing, when the base alone is evaluated), which is just as safe."""
+    if getattr(model, "is_quantized", False):
+        model._hf_peft_config_loaded = True
 
 
 def _checked_checkpoint_config(checkpoint: str, expected: dict, args: PtuningArguments) -> dict:

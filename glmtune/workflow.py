@@ -10,7 +10,7 @@ import os
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from glmtune.adapters import add_lora, add_prefix_encoder
+from glmtune.adapters import add_lora, add_prefix_encoder, allow_trainer_on_quantized
 from glmtune.data import Collator, load_split, tokenize
 from glmtune.errors import GlmtuneError
 from glmtune.metrics import ComputeMetrics
@@ -71,6 +71,7 @@ def _log_example(tokenizer, example: dict) -> None:
 def attach_method(config: RunConfig, model):
     if not config.training.do_train and not (config.ptuning.ptuning_checkpoint or config.lora.lora_checkpoint):
         logger.warning("No checkpoint given: evaluating the base model alone (the 'before' of a comparison)")
+        allow_trainer_on_quantized(model)
         return model
     if config.method == "ptuning":
         return add_prefix_encoder(model, config.ptuning)
