@@ -58,11 +58,14 @@ def read_records(path: str, prompt_column: str, response_column: str, history_co
 def _read_text(path: str) -> str:
     with open(path, "rb") as f:
         raw = f.read()
+    bom = b"\xef\xbb\xbf"
+    body = raw[len(bom):] if raw.startswith(bom) else raw
     try:
-        return raw.decode("utf-8-sig")
+        return body.decode("utf-8")
     except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {error.start}); save the file as UTF-8") from None
+        offset = error.start + len(raw) - len(body)
+        line = raw[:offset].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {offset}); save the file as UTF-8") from None
 
 
 def _json_records(path: str, text: str):
@@ -75,7 +78,10 @@ def _json_records(path: str, text: str):
         for index, value in enumerate(values):
             yield f"{path}: element {index}", value
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() would also break records at U+2028 and friends, which
+    # json.dumps(ensure_ascii=False) leaves unescaped inside strings.
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

@@ -7,6 +7,7 @@ user fixing a script sees the whole list instead of one error per run.
 import glob
 import os
 import sys
+import typing
 from dataclasses import dataclass, fields
 
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
@@ -64,7 +65,12 @@ def parse_args(method: str, args=None) -> RunConfig:
             parsed = parser.parse_args_into_dataclasses(args)
     except ValueError as error:  # TrainingArguments' own checks, unknown keys in a dict/json
         raise ArgumentsError([str(error)]) from None
+    except FileNotFoundError:
+        raise ArgumentsError([f"{args[0]}: no such argument file"]) from None
     config = RunConfig(method, *parsed)
+    type_problems = _type_problems(config)
+    if type_problems:  # a .json file or dict is not type-converted like argv; the range checks need numbers
+        raise ArgumentsError(type_problems)
     check_args(config)
     _fill_defaults(config)
     return config
@@ -79,6 +85,27 @@ def check_args(config: RunConfig) -> None:
     )
     if problems:
         raise ArgumentsError(problems)
+
+
+def _type_problems(config: RunConfig) -> list[str]:
+    problems = []
+    for group in (config.model, config.data, config.ptuning, config.lora, config.generation, config.run):
+        hints = typing.get_type_hints(type(group))
+        for field in fields(group):
+            expected = [t for t in typing.get_args(hints[field.name]) or (hints[field.name],) if t is not type(None)]
+            value = getattr(group, field.name)
+            if value is None or any(_is_instance(value, t) for t in expected):
+                continue
+            problems.append(f"--{field.name} must be {expected[0].__name__}, got {value!r}")
+    return problems
+
+
+def _is_instance(value, expected: type) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
 
 
 def _explicit(dataclass_obj, names) -> list[str]:

@@ -216,18 +216,11 @@ def test_json_file_is_checked_too(tiny_model_dir, tmp_path):
     assert len(problems) == 1 and "--lora_rank" in problems[0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "glmtune.parsing.parse_args: a single argv entry ending in .json that does not exist raises "
-    "FileNotFoundError from HfArgumentParser.parse_json_file (a traceback from main.py) instead of an "
-    "ArgumentsError like every other missing path"))
 def test_missing_json_config_is_an_arguments_error(tmp_path):
     with pytest.raises(ArgumentsError):
         parse_args("lora", [str(tmp_path / "missing-config.json")])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "glmtune.parsing._range_problems: parse_dict/parse_json_file do not convert types, so a quoted number "
-    "(\"max_source_length\": \"64\") reaches `value <= 0` and raises TypeError instead of an ArgumentsError"))
 def test_quoted_number_in_json_config_is_an_arguments_error(tiny_model_dir, tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({**_as_dict(tiny_model_dir, tmp_path / "out"), "max_source_length": "64"}),

@@ -164,10 +164,6 @@ def test_non_utf8_bytes_name_the_line(tmp_path):
     assert "UTF-8" in message
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "glmtune.data._read_text: with a UTF-8 BOM, UnicodeDecodeError.start from the 'utf-8-sig' codec is counted "
-    "after the 3 BOM bytes, but it is used as an offset into the raw bytes, so the reported line (and byte) "
-    "is too early: a bad byte at the start of line 2 is reported as line 1"))
 def test_non_utf8_bytes_after_a_bom_name_the_right_line(tmp_path):
     path = tmp_path / "bom-latin1.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"content": "a", "summary": "b"}\n' + b'\xff{"content": "c", "summary": "d"}\n')
@@ -175,10 +171,6 @@ def test_non_utf8_bytes_after_a_bom_name_the_right_line(tmp_path):
     assert f"{path}:2:" in message
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "glmtune.data._json_records splits JSON lines with str.splitlines(), which also breaks on U+2028, U+2029, "
-    "U+0085, etc.; json.dumps(ensure_ascii=False) writes those raw inside strings, so a valid JSON-lines record "
-    "is cut in two and reported as 'invalid JSON' (lines must be split on '\\n' only)"))
 def test_line_separator_inside_a_string_is_not_a_line_break(tmp_path):
     record = {"content": "第一段\u2028第二段", "summary": "下一行\u0085结束"}
     path = write_jsonl(tmp_path / "ls.jsonl", [record, RECORDS[0]])
