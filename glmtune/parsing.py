@@ -249,5 +249,7 @@ def _fill_defaults(config: RunConfig) -> None:
         training.gradient_checkpointing_kwargs = {"use_reentrant": False}
     if training.do_predict:
         training.predict_with_generate = True  # prediction means generating text to score
+    if not _cuda_available():
+        training.dataloader_pin_memory = False  # pinning only helps copies to a GPU (and warns without one)
     training.remove_unused_columns = False  # our collators build exactly the model's inputs
     training.label_names = ["labels"]  # PEFT wrappers hide the forward signature the Trainer reads this from

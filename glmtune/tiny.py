@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
-PRETRAIN_STEPS = 250
+PRETRAIN_STEPS = 200
 SPECIAL_TOKENS = ["<|endoftext|>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
 TINY_SHAPE = dict(
     hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -55,7 +55,7 @@ def tiny_model(tokenizer, seed: int = 0, **shape) -> GlmForCausalLM:
     return GlmForCausalLM(config)
 
 
-def pretrain(model, tokenizer, texts: list[str], steps: int, batch_size: int = 32, seed: int = 0, lr: float = 3e-3):
+def pretrain(model, tokenizer, texts: list[str], steps: int, batch_size: int = 24, seed: int = 0, lr: float = 4e-3):
     """Plain next-token prediction on single texts, each ended by eos. Returns the last loss."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)

@@ -24,7 +24,7 @@ LR=${LR:-2e-2}
 ### training
 BATCH_SIZE=${BATCH_SIZE:-16}                  # per device
 GRAD_ACCUM=${GRAD_ACCUM:-1}
-MAX_STEPS=${MAX_STEPS:-300}
+MAX_STEPS=${MAX_STEPS:-200}
 SAVE_STEPS=${SAVE_STEPS:-100}
 OUTPUT_DIR=${OUTPUT_DIR:-output/adgen-toy-pt-$PRE_SEQ_LEN-$LR}
 PYTHON=${PYTHON:-python3}
