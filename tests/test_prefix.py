@@ -137,3 +137,17 @@ def test_prefix_dropout_is_active_only_in_training(model, tokenizer):
         assert torch.equal(model(**inputs).logits, model(**inputs).logits)
         model.train()
         assert not torch.equal(model(**inputs).logits, model(**inputs).logits)
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Glm4ForCausalLM"])
+def test_other_architectures_match_the_kv_cache_route_and_train_only_the_prefix(tokenizer, architecture):
+    """Any transformers decoder whose attention goes through AttentionInterface takes the same prefix."""
+    import transformers
+
+    config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    base = getattr(transformers, architecture)(config).eval()
+    test_model_equals_prefix_given_as_kv_cache_with_unshifted_positions(base, tokenizer)
+    test_only_prefix_parameters_receive_gradients(copy.deepcopy(base), tokenizer, projection=False)
