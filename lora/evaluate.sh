@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 MODEL=${MODEL:-models/tiny-glm}
 QUANTIZATION_BIT=${QUANTIZATION_BIT:-}
 LORA_RANK=${LORA_RANK:-8}
-LR=${LR:-2e-3}
+LR=${LR:-5e-3}
 CHECKPOINT=${CHECKPOINT:-output/adgen-toy-lora-$LORA_RANK-$LR}
 STEP=${STEP:-}                                # e.g. 300 to use $CHECKPOINT/checkpoint-300
 ### data

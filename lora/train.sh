@@ -23,7 +23,7 @@ LORA_RANK=${LORA_RANK:-8}
 LORA_ALPHA=${LORA_ALPHA:-32}
 LORA_DROPOUT=${LORA_DROPOUT:-0.1}
 LORA_TARGET=${LORA_TARGET:-all}                 # comma-separated module names, or all linear layers
-LR=${LR:-2e-3}
+LR=${LR:-5e-3}
 ### training
 BATCH_SIZE=${BATCH_SIZE:-16}                  # per device
 GRAD_ACCUM=${GRAD_ACCUM:-1}

@@ -14,7 +14,7 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow
 DEV_ROWS = sum(1 for _ in open(REPO / "data" / "adgen-toy" / "dev.json", encoding="utf-8"))
-MARGIN = {"predict_bleu-4": 3.0, "predict_rouge-l": 8.0}  # measured: +6 / +14 (P-Tuning v2), +10 / +18 (LoRA)
+MARGIN = {"predict_bleu-4": 3.0, "predict_rouge-l": 5.0}  # measured on 2 cores: +8.1 / +11.6 (P-Tuning v2), +7.1 / +8.1 (LoRA)
 
 
 def bash(script: str, **env) -> None:
@@ -39,7 +39,7 @@ def base_scores(tmp_path_factory):
 @pytest.mark.parametrize("method", ["ptuning", "lora"])
 def test_train_then_evaluate_beats_the_untuned_base(method, tmp_path, base_scores):
     bash(f"{method}/train.sh", OUTPUT_DIR=str(tmp_path / "train"))
-    assert (tmp_path / "train" / "checkpoint-300").is_dir()
+    assert (tmp_path / "train" / "checkpoint-200").is_dir()
     assert list((tmp_path / "train" / "runs").iterdir())  # TensorBoard logs
     bash(f"{method}/evaluate.sh", CHECKPOINT=str(tmp_path / "train"), OUTPUT_DIR=str(tmp_path / "eval"))
     tuned = scores(tmp_path / "eval")
