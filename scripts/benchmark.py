@@ -1,0 +1,298 @@
+"""Training and evaluation speed and memory on one GPU: glmtune against the naive transformers + PEFT path.
+
+    python scripts/benchmark.py                 # ChatGLM3-6B-shaped GLM, random weights, all rows (H100: ~10 min)
+    python scripts/benchmark.py --rows train    # or: eval, or a comma list of row names (see ROWS)
+    python scripts/benchmark.py --tiny          # a 2-layer model, to check the script itself (CPU works)
+
+Both sides run the same model folder, the same synthetic samples and the same step counts, in one
+process, one row after another. glmtune's side is its real code path (load_base_model,
+add_prefix_encoder / add_lora, Collator, GlmtuneTrainer); the naive side is what a user writes with
+transformers + PEFT: PrefixTuningConfig / LoraConfig, Trainer defaults, every sample padded to the
+maximum length, prepare_model_for_kbit_training for 8/4-bit bases. PEFT's prefix tuning refuses gradient
+checkpointing, so its rows run without it. MFU counts 4 x (parameters outside the input embedding)
+FLOP per real (non-padding) token, against 800 TFLOP/s (H100 bf16 dense); recomputation is not counted.
+"""
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, no install
+
+from transformers import GlmConfig, GlmForCausalLM, Seq2SeqTrainingArguments, Trainer, TrainerCallback  # noqa: E402
+
+from glmtune.adapters import add_lora, add_prefix_encoder  # noqa: E402
+from glmtune.arguments import LoraArguments, ModelArguments, PtuningArguments  # noqa: E402
+from glmtune.data import Collator  # noqa: E402
+from glmtune.model import load_base_model, quantization_config  # noqa: E402
+from glmtune.trainer import GlmtuneTrainer  # noqa: E402
+
+PEAK_FLOPS = 800e12
+CHATGLM3_6B = dict(
+    vocab_size=65024, hidden_size=4096, num_hidden_layers=28, num_attention_heads=32, num_key_value_heads=2,
+    head_dim=128, intermediate_size=13696, attention_bias=True, partial_rotary_factor=0.5,
+    max_position_embeddings=8192, pad_token_id=0, eos_token_id=2, bos_token_id=None, tie_word_embeddings=False,
+)
+TINY = dict(CHATGLM3_6B, vocab_size=1024, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+            head_dim=32, intermediate_size=256)
+# setting -> micro-batch, (min, max) prompt tokens, (min, max) answer tokens, gradient checkpointing
+SETTINGS = {
+    "recipe": dict(batch=1, source=(64, 64), target=(64, 64), checkpointing=True),  # ChatGLM's train.sh
+    "throughput": dict(batch=8, source=(192, 256), target=(192, 256), checkpointing=False),
+}
+ROWS = [  # name: method, quantization bits, setting
+    ("pt-bf16-recipe", "ptuning", None, "recipe"), ("pt-bf16-throughput", "ptuning", None, "throughput"),
+    ("pt-int8-recipe", "ptuning", 8, "recipe"), ("pt-int8-throughput", "ptuning", 8, "throughput"),
+    ("pt-int4-recipe", "ptuning", 4, "recipe"), ("pt-int4-throughput", "ptuning", 4, "throughput"),
+    ("lora-bf16-recipe", "lora", None, "recipe"), ("lora-bf16-throughput", "lora", None, "throughput"),
+    ("lora-int8-recipe", "lora", 8, "recipe"),
+    ("lora-int4-recipe", "lora", 4, "recipe"), ("lora-int4-throughput", "lora", 4, "throughput"),
+]
+PRE_SEQ_LEN = 128
+
+
+@dataclass
+class Result:
+    row: str
+    impl: str
+    precision: str
+    shape: str
+    tokens_per_s: float
+    samples_per_s: float
+    peak_gib: float
+    mfu: float
+    loss: float
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+def ensure_model(folder: str, shape: dict) -> None:
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = GlmForCausalLM(GlmConfig(**shape)).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+
+def synthetic_samples(count: int, setting: dict, vocab: int, seed: int = 0) -> list:
+    """Token ids with prompt/answer lengths drawn from the setting's ranges (real data varies too)."""
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(count):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(*setting["source"]))]
+        answer = [rng.randrange(3, vocab) for _ in range(rng.randint(*setting["target"]))]
+        samples.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    return samples
+
+
+def pad_to_max(samples: list, length: int) -> list:
+    """The naive path: every sample padded to the maximum length up front (as ChatGLM's scripts do)."""
+    return [
+        {"input_ids": s["input_ids"] + [0] * (length - len(s["input_ids"])),
+         "attention_mask": [1] * len(s["input_ids"]) + [0] * (length - len(s["input_ids"])),
+         "labels": s["labels"] + [-100] * (length - len(s["labels"]))}
+        for s in samples
+    ]
+
+
+def flops_per_token(folder: str) -> float:
+    """4 x the base's parameters outside the input embedding (a lookup costs no FLOPs), counted on a meta
+    copy so that packed 4-bit storage does not hide parameters."""
+    with torch.device("meta"):
+        model = GlmForCausalLM(GlmConfig.from_pretrained(folder))
+    return 4 * (model.num_parameters() - model.get_input_embeddings().weight.numel())
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end = warmup, None, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if state.global_step == self.warmup:
+            self.start = time.perf_counter()
+        self.end = time.perf_counter()
+
+
+def training_args(output_dir: str, setting: dict, steps: int, glmtune: bool) -> Seq2SeqTrainingArguments:
+    extra = {}
+    if glmtune:
+        extra = dict(gradient_checkpointing=setting["checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
+                     remove_unused_columns=False, label_names=["labels"])
+    return Seq2SeqTrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=setting["batch"], max_steps=steps, learning_rate=1e-4,
+        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(), **extra,
+    )
+
+
+def measure(trainer, samples: list, setting: dict, warmup: int, steps: int, row, impl, precision, n_flops) -> Result:
+    timer = StepTimer(warmup)
+    trainer.add_callback(timer)
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    trainer.train()
+    measured = samples[warmup * setting["batch"]:(warmup + steps) * setting["batch"]]
+    tokens = sum(len(s["input_ids"]) for s in measured)
+    seconds = timer.end - timer.start
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    tokens_per_s = tokens / seconds
+    return Result(row, impl, precision, f"{setting['batch']}x{setting['source'][1] + setting['target'][1]}",
+                  tokens_per_s, len(measured) / seconds, peak, tokens_per_s * n_flops / PEAK_FLOPS, losses[-1])
+
+
+# ----------------------------------------------------------------------------- the two implementations
+
+
+def run_glmtune(folder, row, method, bits, setting, args) -> Result:
+    model = load_base_model(ModelArguments(model_name_or_path=folder, quantization_bit=bits, torch_dtype="bfloat16"))
+    if method == "ptuning":
+        model = add_prefix_encoder(model, PtuningArguments(pre_seq_len=PRE_SEQ_LEN, prefix_dropout=0.0))
+    else:
+        model = add_lora(model, LoraArguments(lora_rank=8, lora_alpha=32, lora_dropout=0.0, lora_target="all"))
+    samples = synthetic_samples((args.warmup + args.steps) * setting["batch"], setting, model.config.vocab_size)
+    trainer = GlmtuneTrainer(model=model, args=training_args(args.scratch, setting, args.warmup + args.steps, True),
+                             train_dataset=samples, data_collator=Collator(0, "right"))
+    return measure(trainer, samples, setting, args.warmup, args.steps, row, "glmtune", _precision(bits), flops_per_token(folder))
+
+
+def run_naive(folder, row, method, bits, setting, args) -> Result:
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, default_data_collator
+
+    kwargs = {"dtype": torch.bfloat16}
+    if bits:
+        kwargs.update(quantization_config=quantization_config(bits, torch.bfloat16), device_map={"": 0})
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    checkpointing = setting["checkpointing"] and method == "lora"  # PEFT's prefix tuning refuses it
+    if bits:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    if method == "ptuning":
+        config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PRE_SEQ_LEN)
+    else:
+        config = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    model = get_peft_model(model, config)
+    samples = synthetic_samples((args.warmup + args.steps) * setting["batch"], setting, model.config.vocab_size)
+    padded = pad_to_max(samples, setting["source"][1] + setting["target"][1])
+    train_args = training_args(args.scratch, {**setting, "checkpointing": False}, args.warmup + args.steps, False)
+    trainer = Trainer(model=model, args=train_args, train_dataset=padded, data_collator=default_data_collator)
+    return measure(trainer, samples, setting, args.warmup, args.steps, row, "naive", _precision(bits), flops_per_token(folder))
+
+
+def _precision(bits) -> str:
+    return {None: "bf16", 8: "int8", 4: "nf4"}[bits]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def run_generation(folder, args) -> list:
+    """Greedy, 64 new tokens, ADGEN-length prompts: glmtune's batched predict vs one prompt at a time."""
+    model = load_base_model(ModelArguments(model_name_or_path=folder, torch_dtype="bfloat16"))
+    model = add_prefix_encoder(model, PtuningArguments(pre_seq_len=PRE_SEQ_LEN, prefix_dropout=0.0)).eval()
+    samples = synthetic_samples(args.prompts, {"source": (24, 64), "target": (1, 1)}, model.config.vocab_size)
+    prompts = [{"input_ids": s["input_ids"][:-1], "labels": s["input_ids"][-1:]} for s in samples]
+    generate = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0, eos_token_id=2, use_cache=True)
+    eval_args = Seq2SeqTrainingArguments(output_dir=args.scratch, per_device_eval_batch_size=args.eval_batch, report_to="none",
+                                         predict_with_generate=True, disable_tqdm=True, remove_unused_columns=False,
+                                         use_cpu=not torch.cuda.is_available())
+    trainer = GlmtuneTrainer(model=model, args=eval_args, data_collator=Collator(0, "left"), generate_kwargs=generate)
+    trainer.predict(prompts[: args.eval_batch])  # warm-up
+    start = time.perf_counter()
+    trainer.predict(prompts)
+    batched = len(prompts) * 64 / (time.perf_counter() - start)
+    single_prompts = prompts[: args.single_prompts]
+    device = model.device
+    start = time.perf_counter()
+    for prompt in single_prompts:
+        ids = torch.tensor([prompt["input_ids"]], device=device)
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **generate)
+    single = len(single_prompts) * 64 / (time.perf_counter() - start)
+    shape = f"{len(prompts)} prompts"
+    return [Result("generate", "glmtune batched", "bf16", f"{shape}, bs {args.eval_batch}", batched, batched / 64, float("nan"), 0, 0),
+            Result("generate", "one at a time", "bf16", f"{len(single_prompts)} prompts, bs 1", single, single / 64, float("nan"), 0, 0)]
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def print_table(results: list) -> None:
+    naive = {r.row: r for r in results if r.impl == "naive"}
+    single = next((r for r in results if r.impl == "one at a time"), None)
+    print(f"\n| row | impl | precision | batch x len | tokens/s | samples/s | peak GiB | MFU | vs naive (speed, memory) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        base = naive.get(r.row) if r.impl == "glmtune" else (single if r.impl == "glmtune batched" else None)
+        ratio = f"{r.tokens_per_s / base.tokens_per_s:.2f}x" if base else ""
+        if base and r.impl == "glmtune":
+            ratio += f", {r.peak_gib / base.peak_gib:.2f}x"
+        mfu = f"{100 * r.mfu:.1f}%" if r.mfu else ""
+        print(f"| {r.row} | {r.impl} | {r.precision} | {r.shape} | {r.tokens_per_s:,.0f} | {r.samples_per_s:.2f} | "
+              f"{r.peak_gib:.2f} | {mfu} | {ratio} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="all", help="all, train, eval, or a comma list of row names")
+    parser.add_argument("--impl", default="glmtune,naive", help="which implementations to run")
+    parser.add_argument("--model", default="/tmp/glmtune-bench/chatglm3-6b-shaped", help="model folder (built if missing)")
+    parser.add_argument("--scratch", default="/tmp/glmtune-bench/scratch")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=1070, help="ADGEN dev size")
+    parser.add_argument("--eval_batch", type=int, default=128)
+    parser.add_argument("--single_prompts", type=int, default=16)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model, to check this script")
+    parser.add_argument("--json", default=None, help="also write the results as JSON lines here")
+    args = parser.parse_args()
+    shape = TINY if args.tiny else CHATGLM3_6B
+    ensure_model(args.model, shape)
+    wanted = {name for name, *_ in ROWS} if args.rows in ("all", "train") else set(args.rows.split(","))
+    impls = args.impl.split(",")
+    results = []
+    for name, method, bits, setting_name in ROWS:
+        if name not in wanted or (bits and not torch.cuda.is_available()):
+            continue
+        for impl in impls:
+            runner = run_glmtune if impl == "glmtune" else run_naive
+            try:
+                results.append(runner(args.model, name, method, bits, SETTINGS[setting_name], args))
+            except torch.OutOfMemoryError:
+                print(f"{name} {impl}: out of memory")
+            print(results[-1] if results else "", flush=True)
+            free_memory()
+    if args.rows in ("all", "eval"):
+        results += run_generation(args.model, args)
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.writelines(json.dumps(r.__dict__) + "\n" for r in results)
+
+
+if __name__ == "__main__":
+    main()
