@@ -147,3 +147,10 @@ class RunArguments:
         default=False,
         metadata={"help": "Allow training into an --output_dir that already holds checkpoints of another run."},
     )
+    target_token_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute logits and loss only at answer tokens, in chunks, so full-vocabulary float32 logits "
+            "never exist (same value as transformers' loss, less memory). --target_token_loss False: transformers' loss."
+        },
+    )

@@ -16,16 +16,34 @@ import torch
 from transformers import Seq2SeqTrainer
 
 from glmtune.adapters import is_prefix_tuned, load_prefix_weights, save_prefix_checkpoint
+from glmtune.loss import TargetTokenLoss
 from glmtune.metrics import decode_texts
 
 PREDICTIONS_FILE = "generated_predictions.txt"
 
 
 class GlmtuneTrainer(Seq2SeqTrainer):
-    def __init__(self, *args, eval_collator=None, generate_kwargs: dict | None = None, **kwargs):
+    def __init__(self, *args, eval_collator=None, generate_kwargs: dict | None = None, target_token_loss=True, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator or self.data_collator
         self.generate_kwargs = generate_kwargs or {}
+        causal_lm = _causal_lm(self.model)
+        self.target_loss = TargetTokenLoss(causal_lm) if target_token_loss and TargetTokenLoss.supports(causal_lm) else None
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Training steps use the target-token loss (glmtune.loss); evaluation keeps transformers' own."""
+        if return_outputs or self.target_loss is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        with self.target_loss.capture():
+            model(**inputs, logits_to_keep=1, use_cache=False)  # logits for one position only: the head runs in the loss
+        loss = self.target_loss(labels, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # num_items_in_batch counts every process's targets
+        return loss
 
     # Generation needs left padding, training right padding: evaluation batches use their own collator.
     def get_eval_dataloader(self, eval_dataset=None):
@@ -97,3 +115,8 @@ class GlmtuneTrainer(Seq2SeqTrainer):
                 f.write(json.dumps({"labels": label, "predict": prediction}, ensure_ascii=False) + "\n")
         os.replace(path + ".tmp", path)  # a reader never sees a half-written file
         return path
+
+
+def _causal_lm(model):
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

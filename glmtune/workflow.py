@@ -93,6 +93,7 @@ def build_trainer(config: RunConfig, model, tokenizer, datasets: dict) -> Glmtun
         eval_collator=Collator(tokenizer.pad_token_id, "left" if generating else "right"),
         compute_metrics=ComputeMetrics(tokenizer) if generating else None,
         generate_kwargs=generate_kwargs,
+        target_token_loss=config.run.target_token_loss,
     )
 
 

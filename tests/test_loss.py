@@ -1,0 +1,70 @@
+"""The target-token loss equals transformers' loss, value and gradients, and trains to the same curve."""
+
+import json
+
+import pytest
+import torch
+
+import glmtune.loss
+from glmtune.adapters import add_lora, add_prefix_encoder
+from glmtune.arguments import LoraArguments, PtuningArguments
+from glmtune.loss import TargetTokenLoss
+from test_trainer import run, train_flags
+
+
+def adapted(model, method):
+    if method == "ptuning":
+        return add_prefix_encoder(model, PtuningArguments(pre_seq_len=4, prefix_dropout=0.0))
+    model = add_lora(model, LoraArguments(lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_target="all"))
+    for name, p in model.named_parameters():  # non-zero B so that LoRA changes the output
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def batch(tokenizer):
+    prompts, answers = ["类型#裙*颜色#白色", "类型#上衣*风格#简约*图案#刺绣"], ["白色的裙子很好看。", "简约的上衣。"]
+    rows = [tokenizer.encode(p) + tokenizer.encode(a) + [tokenizer.eos_token_id] for p, a in zip(prompts, answers)]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = input_ids.masked_fill(mask == 0, -100)
+    for row, prompt in enumerate(prompts):
+        labels[row, : len(tokenizer.encode(prompt))] = -100
+    return {"input_ids": input_ids, "attention_mask": mask}, labels
+
+
+@pytest.mark.parametrize("method", ["ptuning", "lora"])
+@pytest.mark.parametrize("num_items", [None, 37])
+def test_value_and_gradients_equal_transformers_loss(model, tokenizer, monkeypatch, method, num_items):
+    monkeypatch.setattr(glmtune.loss, "CHUNK_TOKENS", 5)  # several chunks, the last one partial
+    model = adapted(model, method).train()
+    inputs, labels = batch(tokenizer)
+    extra = {} if num_items is None else {"num_items_in_batch": num_items}
+    reference = model(**inputs, labels=labels, **extra).loss
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    assert TargetTokenLoss.supports(causal_lm)
+    loss_fn = TargetTokenLoss(causal_lm)
+    with loss_fn.capture():
+        model(**inputs, logits_to_keep=1)
+    loss = loss_fn(labels, num_items)
+    loss.backward()
+    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-6)
+    for name, grad in expected.items():
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ptuning", "lora"])
+def test_training_curve_is_unchanged(tiny_model_dir, tmp_path, method):
+    curves = []
+    for flag in ("True", "False"):
+        out = tmp_path / flag
+        run(method, tiny_model_dir, out, *train_flags(method, steps=4, save_steps=10), "--target_token_loss", flag)
+        state = json.loads((out / "trainer_state.json").read_text())
+        curves.append([entry["loss"] for entry in state["log_history"] if "loss" in entry])
+    assert len(curves[0]) == 4
+    assert curves[0] == pytest.approx(curves[1], rel=1e-5)
