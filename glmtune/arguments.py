@@ -147,6 +147,13 @@ class RunArguments:
         default=False,
         metadata={"help": "Allow training into an --output_dir that already holds checkpoints of another run."},
     )
+    compile_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile each decoder layer (dynamic shapes): faster steps after about a minute of "
+            "compilation on the first batch; worth it for long runs."
+        },
+    )
     target_token_loss: bool = field(
         default=True,
         metadata={

@@ -70,3 +70,15 @@ def load_base_model(model_args: ModelArguments):
     model.config.use_cache = False  # the cache only helps generation, which turns it back on
     logger.info("Loaded %s (%s, %.1fM parameters)", path, dtype, model.num_parameters() / 1e6)
     return model
+
+
+def compile_decoder_layers(model) -> None:
+    """torch.compile every decoder layer with dynamic shapes.
+
+    The layers share their code, so it compiles once (about a minute) and serves every layer and every
+    batch length; it fuses the element-wise work around the matrix products (norms, rotary, activation),
+    which eager mode runs as separate memory-bound kernels.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in causal_lm.get_decoder().layers:
+        layer.compile(dynamic=True)

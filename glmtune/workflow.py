@@ -14,7 +14,7 @@ from glmtune.adapters import add_lora, add_prefix_encoder, allow_trainer_on_quan
 from glmtune.data import Collator, load_split, tokenize
 from glmtune.errors import GlmtuneError
 from glmtune.metrics import ComputeMetrics
-from glmtune.model import load_base_model, load_tokenizer
+from glmtune.model import compile_decoder_layers, load_base_model, load_tokenizer
 from glmtune.parsing import RunConfig
 from glmtune.prompt import PromptFormat
 from glmtune.trainer import GlmtuneTrainer
@@ -35,6 +35,8 @@ def run(config: RunConfig) -> dict:
     prompt_format = PromptFormat(config.data.prompt_template, tokenizer, config.data.source_prefix)
     datasets = prepare_datasets(config, tokenizer, prompt_format)
     model = attach_method(config, load_base_model(config.model))
+    if config.run.compile_layers:
+        compile_decoder_layers(model)
     trainer = build_trainer(config, model, tokenizer, datasets)
     results = {}
     if training.do_train:

@@ -31,7 +31,7 @@ from transformers import GlmConfig, GlmForCausalLM, Seq2SeqTrainingArguments, Tr
 from glmtune.adapters import add_lora, add_prefix_encoder  # noqa: E402
 from glmtune.arguments import LoraArguments, ModelArguments, PtuningArguments  # noqa: E402
 from glmtune.data import Collator  # noqa: E402
-from glmtune.model import load_base_model, quantization_config  # noqa: E402
+from glmtune.model import compile_decoder_layers, load_base_model, quantization_config  # noqa: E402
 from glmtune.trainer import GlmtuneTrainer  # noqa: E402
 
 PEAK_FLOPS = 800e12
@@ -54,6 +54,9 @@ ROWS = [  # name: method, quantization bits, setting
     ("lora-bf16-recipe", "lora", None, "recipe"), ("lora-bf16-throughput", "lora", None, "throughput"),
     ("lora-int8-recipe", "lora", 8, "recipe"),
     ("lora-int4-recipe", "lora", 4, "recipe"), ("lora-int4-throughput", "lora", 4, "throughput"),
+    # glmtune only: the same rows with --compile_layers
+    ("pt-bf16-throughput+compile", "ptuning", None, "throughput"), ("lora-bf16-throughput+compile", "lora", None, "throughput"),
+    ("pt-bf16-recipe+compile", "ptuning", None, "recipe"),
 ]
 PRE_SEQ_LEN = 128
 
@@ -166,6 +169,8 @@ def run_glmtune(folder, row, method, bits, setting, args) -> Result:
         model = add_prefix_encoder(model, PtuningArguments(pre_seq_len=PRE_SEQ_LEN, prefix_dropout=0.0))
     else:
         model = add_lora(model, LoraArguments(lora_rank=8, lora_alpha=32, lora_dropout=0.0, lora_target="all"))
+    if row.endswith("+compile"):
+        compile_decoder_layers(model)
     samples = synthetic_samples((args.warmup + args.steps) * setting["batch"], setting, model.config.vocab_size)
     trainer = GlmtuneTrainer(model=model, args=training_args(args.scratch, setting, args.warmup + args.steps, True),
                              train_dataset=samples, data_collator=Collator(0, "right"))
@@ -242,18 +247,18 @@ def free_memory() -> None:
 
 
 def print_table(results: list) -> None:
-    naive = {r.row: r for r in results if r.impl == "naive"}
+    naive = {r.row.split("+")[0]: r for r in results if r.impl == "naive"}
     single = next((r for r in results if r.impl == "one at a time"), None)
-    print(f"\n| row | impl | precision | batch x len | tokens/s | samples/s | peak GiB | MFU | vs naive (speed, memory) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| row | impl | precision | batch x len | tokens/s | samples/s | peak GiB | MFU | vs naive (speed, memory) | last loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        base = naive.get(r.row) if r.impl == "glmtune" else (single if r.impl == "glmtune batched" else None)
+        base = naive.get(r.row.split("+")[0]) if r.impl == "glmtune" else (single if r.impl == "glmtune batched" else None)
         ratio = f"{r.tokens_per_s / base.tokens_per_s:.2f}x" if base else ""
         if base and r.impl == "glmtune":
             ratio += f", {r.peak_gib / base.peak_gib:.2f}x"
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu else ""
         print(f"| {r.row} | {r.impl} | {r.precision} | {r.shape} | {r.tokens_per_s:,.0f} | {r.samples_per_s:.2f} | "
-              f"{r.peak_gib:.2f} | {mfu} | {ratio} |")
+              f"{r.peak_gib:.2f} | {mfu} | {ratio} | {r.loss:.4f} |")
 
 
 def main() -> None:
@@ -279,6 +284,8 @@ def main() -> None:
         if name not in wanted or (bits and not torch.cuda.is_available()):
             continue
         for impl in impls:
+            if impl == "naive" and name.endswith("+compile"):
+                continue
             runner = run_glmtune if impl == "glmtune" else run_naive
             try:
                 results.append(runner(args.model, name, method, bits, SETTINGS[setting_name], args))
