@@ -55,26 +55,18 @@ class PrefixEncoder(nn.Module):
         return prefix.view(prefix.shape[0], *self.shape).permute(1, 2, 3, 0, 4)
 
 
-class PrefixState:
-    """The prefix of the forward pass in progress, shared by the model and its attention layers.
-
-    A plain object (not an nn.Module), so attaching it to every attention layer adds no parameters.
-    """
-
-    def __init__(self):
-        self.key_values = None
-
-    def layer(self, layer_idx: int, batch_size: int, dtype: torch.dtype):
-        keys, values = self.key_values[layer_idx].to(dtype)
-        return keys.expand(batch_size, -1, -1, -1), values.expand(batch_size, -1, -1, -1)
-
-
 def prefix_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA attention over [prefix keys/values] + the layer's own keys/values."""
-    state = getattr(module, "prefix_state", None)
-    if state is None or state.key_values is None:
+    """SDPA attention over [prefix keys/values] + the layer's own keys/values.
+
+    The forward pre-hook of :func:`attach_prefix` leaves each layer its ``[2, kv_heads, pre_seq_len,
+    head_dim]`` slice in ``module.prefix_key_value`` (a plain tensor attribute, not a buffer: it is an
+    activation). Reading it there rather than indexing by ``layer_idx`` keeps the code identical for
+    every layer, so ``torch.compile`` compiles it once.
+    """
+    prefix = getattr(module, "prefix_key_value", None)
+    if prefix is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    prefix_keys, prefix_values = state.layer(module.layer_idx, key.shape[0], key.dtype)
+    prefix_keys, prefix_values = prefix.to(key.dtype).unsqueeze(1).expand(-1, key.shape[0], -1, -1, -1)
     mask = _mask_with_prefix(attention_mask, query, key, prefix_keys.shape[2])
     key = torch.cat([prefix_keys, key], dim=2)
     value = torch.cat([prefix_values, value], dim=2)
@@ -127,13 +119,12 @@ def attach_prefix(model, encoder: PrefixEncoder) -> None:
             f"P-Tuning v2 found {len(layers)} attention layers with a layer index in this model, expected "
             f"{num_layers}: its attention does not go through transformers' AttentionInterface"
         )
-    state = PrefixState()
-    for layer in layers:
-        layer.prefix_state = state
     model.prefix_encoder = encoder
     model.set_attn_implementation(ATTENTION_NAME)
 
     def compute_prefix(module, args, kwargs):
-        state.key_values = encoder()
+        for layer, key_value in zip(layers, encoder()):
+            layer.prefix_key_value = key_value
 
-    model.register_forward_pre_hook(compute_prefix, with_kwargs=True)
+    # On the decoder, not the LM wrapper: glmtune.loss calls through to it, and so does generate().
+    model.get_decoder().register_forward_pre_hook(compute_prefix, with_kwargs=True)

@@ -96,7 +96,8 @@ class GlmtuneTrainer(Seq2SeqTrainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         inputs = self._prepare_inputs(inputs)
         prompt = inputs["input_ids"]
-        with torch.no_grad():
+        # Compiled layers (--compile_layers) are compiled for training; the KV cache would recompile them per layer.
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             generated = self.model.generate(
                 input_ids=prompt, attention_mask=inputs["attention_mask"], **{**self.generate_kwargs, **gen_kwargs}
             )

@@ -46,8 +46,7 @@ def test_attention_equals_explicit_softmax_with_prefix_keys(model):
     """The attention function against softmax(QK^T/sqrt(d) + mask)V written out, prefix keys given explicitly."""
     model = prefixed(model)
     layer = attention_layers(model)[1]
-    state = layer.prefix_state
-    state.key_values = model.prefix_encoder().detach()
+    layer.prefix_key_value = model.prefix_encoder().detach()[1]
     batch_size, heads, kv_heads, q_len, dim = 2, 4, 2, 6, 32
     torch.manual_seed(0)
     query = torch.randn(batch_size, heads, q_len, dim)
@@ -57,7 +56,7 @@ def test_attention_equals_explicit_softmax_with_prefix_keys(model):
     mask = (causal[None] & pad[:, None, :])[:, None]  # [B, 1, Q, K] as transformers builds it for SDPA
     out, _ = prefix_sdpa_attention(layer, query, key, value, mask, scaling=dim ** -0.5, dropout=0.0)
 
-    prefix_keys, prefix_values = state.key_values[1]  # [kv_heads, P, D]
+    prefix_keys, prefix_values = layer.prefix_key_value  # [kv_heads, P, D] each
     full_keys = torch.cat([prefix_keys.expand(batch_size, -1, -1, -1), key], dim=2).repeat_interleave(2, dim=1)
     full_values = torch.cat([prefix_values.expand(batch_size, -1, -1, -1), value], dim=2).repeat_interleave(2, dim=1)
     scores = query @ full_keys.transpose(-1, -2) / math.sqrt(dim)
