@@ -249,6 +249,8 @@ def _fill_defaults(config: RunConfig) -> None:
         training.gradient_checkpointing_kwargs = {"use_reentrant": False}
     if training.do_predict:
         training.predict_with_generate = True  # prediction means generating text to score
+    if config.run.compile_layers is None:
+        config.run.compile_layers = training.do_train and _cuda_available()
     if not _cuda_available():
         training.dataloader_pin_memory = False  # pinning only helps copies to a GPU (and warns without one)
     training.remove_unused_columns = False  # our collators build exactly the model's inputs

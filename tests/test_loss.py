@@ -68,3 +68,22 @@ def test_training_curve_is_unchanged(tiny_model_dir, tmp_path, method):
         curves.append([entry["loss"] for entry in state["log_history"] if "loss" in entry])
     assert len(curves[0]) == 4
     assert curves[0] == pytest.approx(curves[1], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_same_loss_and_gradients(model, tokenizer):
+    """--compile_layers changes how the layers run, not what they compute (about a minute of compiling)."""
+    import copy
+
+    from glmtune.model import compile_decoder_layers
+
+    eager = adapted(copy.deepcopy(model), "ptuning").train()
+    compiled = adapted(model, "ptuning").train()
+    compiled.prefix_encoder.load_state_dict(eager.prefix_encoder.state_dict())
+    compile_decoder_layers(compiled)
+    inputs, labels = batch(tokenizer)
+    for run in (eager, compiled):
+        run(**inputs, labels=labels).loss.backward()
+    torch.testing.assert_close(compiled(**inputs, labels=labels).loss, eager(**inputs, labels=labels).loss)
+    torch.testing.assert_close(compiled.prefix_encoder.embedding.weight.grad, eager.prefix_encoder.embedding.weight.grad,
+                               atol=1e-6, rtol=1e-5)
