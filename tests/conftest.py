@@ -46,3 +46,26 @@ def write_jsonl(path: Path, lines: list) -> Path:
         for line in lines:
             f.write((line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n")
     return path
+
+
+def _train_checkpoint(tmp_path_factory, model_dir, method: str, flags: list) -> Path:
+    from glmtune.cli import main
+
+    out = tmp_path_factory.mktemp(f"{method}-checkpoint")
+    main(method, ["--do_train", "--train_file", str(TOY_TRAIN), "--model_name_or_path", str(model_dir),
+                  "--output_dir", str(out), "--max_train_samples", "16", "--per_device_train_batch_size", "4",
+                  "--max_steps", "2", "--max_source_length", "32", "--max_target_length", "16",
+                  "--report_to", "none", "--save_strategy", "no", *flags])
+    return out
+
+
+@pytest.fixture(scope="session")
+def ptuning_checkpoint(tmp_path_factory, tiny_model_dir) -> Path:
+    """A P-Tuning v2 checkpoint (pre_seq_len 4) trained 2 steps on the session's tiny model."""
+    return _train_checkpoint(tmp_path_factory, tiny_model_dir, "ptuning", ["--pre_seq_len", "4", "--learning_rate", "1e-2"])
+
+
+@pytest.fixture(scope="session")
+def lora_checkpoint(tmp_path_factory, tiny_model_dir) -> Path:
+    """A LoRA adapter (rank 4, all linear layers) trained 2 steps on the session's tiny model."""
+    return _train_checkpoint(tmp_path_factory, tiny_model_dir, "lora", ["--lora_rank", "4", "--learning_rate", "1e-2"])

@@ -1,0 +1,111 @@
+"""Using a tuned model: load base + checkpoint, build prompts as training did, generate (batched or streamed).
+
+One loader for evaluation tools, the chat demos, the LoRA merge and the API server, so that all of them
+read checkpoints the way the trainers wrote them.
+"""
+
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+from transformers import TextIteratorStreamer
+
+from glmtune.adapters import PREFIX_CONFIG, add_lora, add_prefix_encoder
+from glmtune.arguments import LoraArguments, ModelArguments, PtuningArguments
+from glmtune.data import Encoder
+from glmtune.errors import GlmtuneError
+from glmtune.model import load_base_model, load_tokenizer
+from glmtune.prompt import PromptFormat
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class TunedModel:
+    model: object
+    tokenizer: object
+    prompt_format: PromptFormat
+    method: str  # "ptuning", "lora" or "base"
+    max_source_length: int = 1024
+
+    def encode(self, query: str, history=None) -> list:
+        """Prompt ids exactly as training built them (same template, same truncation)."""
+        encoder = Encoder(self.tokenizer, self.prompt_format, self.max_source_length, 1, train=False)
+        return encoder.encode_prompt(query, history or [])[0]
+
+    def generate(self, queries: list, histories=None, **generate_kwargs) -> list:
+        """Answers for several queries at once (left-padded batch), in order."""
+        histories = histories or [None] * len(queries)
+        rows = [self.encode(q, h) for q, h in zip(queries, histories)]
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.model.device)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device)
+        with torch.no_grad():
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                         **self._generate_kwargs(generate_kwargs))
+        return [text.strip() for text in self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+
+    def stream(self, query: str, history=None, **generate_kwargs):
+        """Yield the answer's text as it is generated."""
+        ids = torch.tensor([self.encode(query, history)], device=self.model.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                      **self._generate_kwargs(generate_kwargs))
+        thread = threading.Thread(target=self._generate_quietly, kwargs=kwargs, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+
+    def _generate_quietly(self, **kwargs):
+        with torch.no_grad():
+            self.model.generate(**kwargs)
+
+    def _generate_kwargs(self, overrides: dict) -> dict:
+        kwargs = {"max_new_tokens": 128, "do_sample": False, "use_cache": True,
+                  "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id}
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        if not kwargs.get("do_sample"):
+            kwargs.pop("top_p", None), kwargs.pop("temperature", None)
+        return kwargs
+
+
+def checkpoint_method(checkpoint) -> str:
+    """'ptuning', 'lora' or 'base' (no checkpoint), from the files the trainers write."""
+    if checkpoint is None:
+        return "base"
+    if not os.path.isdir(checkpoint):
+        raise GlmtuneError(f"checkpoint {checkpoint}: no such folder")
+    if os.path.isfile(os.path.join(checkpoint, PREFIX_CONFIG)):
+        return "ptuning"
+    if os.path.isfile(os.path.join(checkpoint, ADAPTER_CONFIG)):
+        return "lora"
+    raise GlmtuneError(
+        f"checkpoint {checkpoint}: neither a P-Tuning v2 checkpoint ({PREFIX_CONFIG}) nor a LoRA adapter ({ADAPTER_CONFIG})"
+    )
+
+
+def load_tuned(model_name_or_path: str, checkpoint=None, quantization_bit=None, torch_dtype="auto",
+               prompt_template="auto", source_prefix="", max_source_length=1024) -> TunedModel:
+    """Base model (+ P-Tuning v2 checkpoint or LoRA adapter), ready to generate."""
+    if not os.path.isfile(os.path.join(model_name_or_path, "config.json")):
+        raise GlmtuneError(f"model {model_name_or_path}: not a model folder (no config.json)")
+    method = checkpoint_method(checkpoint)
+    model_args = ModelArguments(model_name_or_path=model_name_or_path, quantization_bit=quantization_bit,
+                                torch_dtype=torch_dtype)
+    tokenizer = load_tokenizer(model_args)
+    model = load_base_model(model_args)
+    if method == "ptuning":
+        model = add_prefix_encoder(model, PtuningArguments(ptuning_checkpoint=checkpoint))
+    elif method == "lora":
+        model = add_lora(model, LoraArguments(lora_checkpoint=checkpoint))
+    if not quantization_bit and torch.cuda.is_available():
+        model = model.to("cuda")
+    model.eval()
+    model.config.use_cache = True
+    try:
+        prompt_format = PromptFormat(prompt_template, tokenizer, source_prefix)
+    except ValueError as error:
+        raise GlmtuneError(str(error)) from None
+    return TunedModel(model, tokenizer, prompt_format, method, max_source_length)
