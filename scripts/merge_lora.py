@@ -1,0 +1,133 @@
+"""Merge a LoRA adapter into its base model: a plain model folder that transformers loads alone.
+
+    CHECKPOINT=output/adgen-toy-lora-8-5e-3 bash lora/merge.sh
+    python3 scripts/merge_lora.py --model_name_or_path /path/to/glm-4-9b --checkpoint output/my-lora \\
+        --output output/my-lora-merged --torch_dtype bfloat16
+
+The base is loaded in full precision (never quantized), the adapter's low-rank updates are added into its
+weights (PEFT's merge_and_unload), and the result is saved as sharded *.safetensors with the tokenizer and
+the generation config. It is written to OUTPUT.partial and renamed to OUTPUT when complete, so OUTPUT is
+never a half-written folder. Only LoRA merges: a P-Tuning v2 prefix is extra key/value states, not a
+change of weights.
+"""
+
+import argparse
+import inspect
+import logging
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, no install
+
+from glmtune.errors import GlmtuneError  # noqa: E402
+
+logger = logging.getLogger("merge_lora")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_name_or_path", default="models/tiny-glm", help="the base the adapter was trained on")
+    parser.add_argument("--checkpoint", required=True, help="the LoRA adapter folder (adapter_config.json)")
+    parser.add_argument("--output", default=None, help="merged model folder (default: CHECKPOINT-merged)")
+    parser.add_argument("--torch_dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the base during the merge and of the saved weights (bfloat16: half the size)")
+    parser.add_argument("--max_shard_size", default="2GB", help="largest *.safetensors file, e.g. 2GB, 500MB")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT folder")
+    parser.add_argument("--trust_remote_code", action="store_true", help="for bases that ship their own model code")
+    parser.add_argument("--quantization_bit", type=int, default=None,
+                        help="refused: the merge needs the full-precision base; quantize the merged model at load time")
+    return parser.parse_args(argv)
+
+
+def check_args(args) -> None:
+    from glmtune.inference import checkpoint_method
+
+    if args.quantization_bit:
+        raise GlmtuneError(
+            f"--quantization_bit {args.quantization_bit}: a LoRA adapter is merged into the full-precision base, "
+            "not into quantized weights. Leave the flag out: the base is loaded unquantized (--torch_dtype float32 "
+            "or bfloat16), merged and saved; quantize the merged model when you load it (--quantization_bit 4 in "
+            "the other scripts). An adapter trained on a 4-bit base merges into the bf16/fp32 base just the same."
+        )
+    if not os.path.isfile(os.path.join(args.model_name_or_path, "config.json")):
+        raise GlmtuneError(f"--model_name_or_path {args.model_name_or_path}: not a model folder (no config.json)")
+    method = checkpoint_method(args.checkpoint)
+    if method == "ptuning":
+        raise GlmtuneError(
+            f"--checkpoint {args.checkpoint} is a P-Tuning v2 checkpoint: its prefix is extra key/value states "
+            "fed to every layer, not a change of weights, so it cannot be merged into the model. Load it with "
+            "the base instead (--checkpoint in scripts/cli_demo.py, --ptuning_checkpoint in ptuning/main.py)."
+        )
+    args.output = args.output or args.checkpoint.rstrip("/\\") + "-merged"
+    output = os.path.realpath(args.output)
+    for flag, path in (("--model_name_or_path", args.model_name_or_path), ("--checkpoint", args.checkpoint)):
+        path = os.path.realpath(path)
+        if output == path or path.startswith(output + os.sep):
+            raise GlmtuneError(f"--output {args.output} would replace {flag} {path}: choose another folder")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise GlmtuneError(f"--output {args.output} already exists: pass --overwrite to replace it, or choose another folder")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise GlmtuneError(f"--output {args.output} is a file, not a folder")
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        convert_file_size_to_int(args.max_shard_size)
+    except ValueError:
+        raise GlmtuneError(f"--max_shard_size {args.max_shard_size}: not a size (e.g. 2GB, 500MB)") from None
+
+
+def merge(args) -> str:
+    """Load, merge, save to OUTPUT.partial, rename; returns OUTPUT."""
+    from transformers import AutoTokenizer
+
+    from glmtune.adapters import add_lora
+    from glmtune.arguments import LoraArguments, ModelArguments
+    from glmtune.model import load_base_model
+
+    model_args = ModelArguments(model_name_or_path=args.model_name_or_path, torch_dtype=args.torch_dtype,
+                                trust_remote_code=args.trust_remote_code)
+    try:  # the tokenizer as the base ships it (no pad token added, unlike training's loader)
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise GlmtuneError(f"--model_name_or_path {args.model_name_or_path}: cannot load its tokenizer: {error}") from None
+    base = load_base_model(model_args)
+    model = add_lora(base, LoraArguments(lora_checkpoint=args.checkpoint))
+    logger.info("Merging %s into %s (%s)", args.checkpoint, args.model_name_or_path, args.torch_dtype)
+    merged = model.merge_and_unload()
+    merged.config.use_cache = True  # the loader turns it off for training; a saved model should generate normally
+
+    partial = args.output.rstrip("/\\") + ".partial"
+    if os.path.exists(partial):
+        shutil.rmtree(partial)  # left over by an interrupted merge
+    save_kwargs = {"max_shard_size": args.max_shard_size}
+    if "safe_serialization" in inspect.signature(merged.save_pretrained).parameters:
+        save_kwargs["safe_serialization"] = True  # transformers 4; transformers 5 always writes safetensors
+    merged.save_pretrained(partial, **save_kwargs)
+    tokenizer.save_pretrained(partial)
+    if getattr(merged, "generation_config", None) is not None and not os.path.isfile(os.path.join(partial, "generation_config.json")):
+        merged.generation_config.save_pretrained(partial)
+    if os.path.exists(args.output):  # --overwrite, checked before
+        shutil.rmtree(args.output)
+    os.rename(partial, args.output)
+    return args.output
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        output = merge(args)
+    except GlmtuneError as error:
+        for line in str(error).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
+    shards = sorted(name for name in os.listdir(output) if name.endswith(".safetensors"))
+    size = sum(os.path.getsize(os.path.join(output, name)) for name in shards)
+    print(f"Merged {args.checkpoint} into {args.model_name_or_path}: {output} "
+          f"({len(shards)} safetensors file{'s' if len(shards) != 1 else ''}, {size / 2**20:.1f} MiB, {args.torch_dtype})")
+
+
+if __name__ == "__main__":
+    main()

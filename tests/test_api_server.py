@@ -1,0 +1,217 @@
+"""scripts/api_server.py: an OpenAI-compatible server, checked with the official openai client against a subprocess."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import REPO, TOY_DEV
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+KEY = "test-key"
+MAX_SOURCE_LENGTH = 64
+TOKENS = 8
+QUERIES = [json.loads(line)["content"] for line in TOY_DEV.open(encoding="utf-8")][:8]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *flags, env=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "scripts" / "api_server.py"), "--port", str(self.port), *map(str, flags)],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})},
+        )
+
+    def wait(self, key=None, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"the server exited with {self.process.returncode}:\n{self.process.stdout.read()[-3000:]}")
+            try:
+                status, _ = request(self.url + "/v1/models", key=key)
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        pytest.fail(f"the server did not answer within {timeout} s:\n{self.process.stdout.read()[-3000:]}")
+
+    def client(self, key=KEY):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def request(url, body=None, key=KEY, raw=None):
+    """(status, parsed JSON body) of a GET (no body) or POST, without the openai client."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+HISTORY = [["系统提示\n\n" + QUERIES[1], "好的。"]]  # what the ptuning test's system + first two messages become
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model_dir, lora_checkpoint, ptuning_checkpoint):
+    """Both servers start at once (their imports overlap with each other and with the in-process answers)."""
+    from glmtune.inference import load_tuned
+
+    lora = Server("--model_name_or_path", tiny_model_dir, "--checkpoint", lora_checkpoint,
+                  "--max_source_length", MAX_SOURCE_LENGTH, "--max_batch_size", 8, env={"GLMTUNE_API_KEY": KEY})
+    ptuning = Server("--model_name_or_path", tiny_model_dir, "--checkpoint", ptuning_checkpoint,
+                     "--max_source_length", 256, "--model_name", "pt")
+    try:
+        tuned = load_tuned(str(tiny_model_dir), str(lora_checkpoint), max_source_length=MAX_SOURCE_LENGTH)
+        lora.expected = [tuned.generate([query], max_new_tokens=TOKENS)[0] for query in QUERIES]
+        tuned = load_tuned(str(tiny_model_dir), str(ptuning_checkpoint), max_source_length=256)
+        ptuning.expected = [tuned.generate([QUERIES[0]], max_new_tokens=TOKENS)[0],
+                            tuned.generate([QUERIES[2]], [HISTORY], max_new_tokens=TOKENS)[0]]
+        yield {"lora": lora.wait(KEY), "ptuning": ptuning.wait()}
+    finally:
+        lora.stop()
+        ptuning.stop()
+
+
+@pytest.fixture()
+def lora_server(servers):
+    return servers["lora"]
+
+
+@pytest.fixture()
+def lora_expected(servers):
+    return servers["lora"].expected
+
+
+def chat(client, query, **kwargs):
+    return client.chat.completions.create(model="any", messages=[{"role": "user", "content": query}],
+                                          max_tokens=TOKENS, **kwargs)
+
+
+def test_plain_and_streamed_completions_match_in_process_generation(lora_server, lora_expected, lora_checkpoint):
+    client = lora_server.client()
+    reply = chat(client, QUERIES[0])
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert reply.model == lora_checkpoint.name
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == lora_expected[0]
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    usage = reply.usage
+    assert usage.prompt_tokens > 0 and 0 < usage.completion_tokens <= TOKENS
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert (reply.choices[0].finish_reason == "length") == (usage.completion_tokens == TOKENS)
+
+    chunks = list(chat(client, QUERIES[0], stream=True))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == lora_expected[0]
+    assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_models_lists_the_served_model(lora_server, lora_checkpoint):
+    models = lora_server.client().models.list()
+    assert [m.id for m in models.data] == [lora_checkpoint.name]
+    assert models.data[0].object == "model"
+
+
+def test_concurrent_clients_each_get_their_own_answer(lora_server, lora_expected):
+    client = lora_server.client()
+    order = [7, 2, 5, 0, 3, 6, 1, 4]  # each thread its own query, out of order
+
+    def ask(i):  # one of them streams, in the middle of the others
+        if i == 3:
+            return "".join(c.choices[0].delta.content or "" for c in chat(client, QUERIES[i], stream=True))
+        return chat(client, QUERIES[i]).choices[0].message.content
+
+    with ThreadPoolExecutor(len(order)) as pool:
+        replies = dict(zip(order, pool.map(ask, order)))
+    assert [replies[i] for i in range(len(order))] == lora_expected
+
+
+@pytest.mark.parametrize("raw, param", [
+    (b"{not json", None),
+    (json.dumps({"model": "m"}).encode(), "messages"),
+    (json.dumps({"model": "m", "messages": []}).encode(), "messages"),
+    (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}).encode(),
+     "messages"),
+    (json.dumps({"messages": [{"role": "tool", "content": "a"}]}).encode(), "messages[0].role"),
+    (json.dumps({"messages": [{"role": "user", "content": 3}]}).encode(), "messages[0].content"),
+    (json.dumps({"messages": [{"role": "user", "content": "a"}], "n": 2}).encode(), "n"),
+    (json.dumps({"messages": [{"role": "user", "content": "a"}], "max_tokens": "8"}).encode(), "max_tokens"),
+    (json.dumps({"messages": [{"role": "user", "content": "a"}], "stop": ["\n"]}).encode(), "stop"),
+])
+def test_malformed_requests_get_openai_style_errors(lora_server, raw, param):
+    status, body = request(lora_server.url + "/v1/chat/completions", raw=raw)
+    assert status == 400
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["message"]
+    assert body["error"]["param"] == param
+
+
+def test_a_prompt_over_max_source_length_is_refused(lora_server):
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(lora_server.client(), "长" * 200)
+    error = caught.value.body
+    assert error["code"] == "context_length_exceeded"
+    assert f"maximum context length is {MAX_SOURCE_LENGTH} tokens" in error["message"]
+    tokens = int(error["message"].split("messages have ")[1].split()[0])
+    assert tokens > MAX_SOURCE_LENGTH
+
+
+def test_the_api_key_is_required(lora_server):
+    for key in (None, "wrong"):
+        status, body = request(lora_server.url + "/v1/models", key=key)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        chat(lora_server.client("wrong"), QUERIES[0])
+    assert chat(lora_server.client(KEY), QUERIES[0]).choices[0].message.content
+
+
+def test_ptuning_checkpoint_with_history_and_system_message(servers):
+    server = servers["ptuning"]
+    client = server.client("any key: this server has none")
+    reply = chat(client, QUERIES[0])
+    assert (reply.model, reply.choices[0].message.content) == ("pt", server.expected[0])
+    messages = [{"role": "system", "content": "系统提示"}, {"role": "user", "content": QUERIES[1]},
+                {"role": "assistant", "content": "好的。"}, {"role": "user", "content": QUERIES[2]}]
+    reply = client.chat.completions.create(model="pt", messages=messages, max_tokens=TOKENS)
+    assert reply.choices[0].message.content == server.expected[1]
+
+
+def test_a_bad_checkpoint_stops_the_server_with_exit_status_2(tiny_model_dir, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "api_server.py"), "--model_name_or_path",
+                             str(tiny_model_dir), "--checkpoint", str(tmp_path / "missing")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "error: checkpoint" in result.stderr and "no such folder" in result.stderr
