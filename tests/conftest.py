@@ -13,6 +13,9 @@ TOY_TRAIN = REPO / "data" / "adgen-toy" / "train.json"
 TOY_DEV = REPO / "data" / "adgen-toy" / "dev.json"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# selenium brings trio, whose "hypothesis" entry point fails to load with the hypothesis we pin; nothing
+# here uses hypothesis plugins, and loading them crashes pytest's summary (hypothesis imports them then).
+os.environ.setdefault("HYPOTHESIS_NO_PLUGINS", "1")
 
 
 @pytest.fixture(scope="session")
