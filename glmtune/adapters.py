@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 PREFIX_WEIGHTS = "prefix_encoder.safetensors"
 PREFIX_CONFIG = "prefix_config.json"
-PREFIX_SHAPE_KEYS = ("num_layers", "kv_heads", "head_dim")
+# What a prefix must match in the base it is loaded into (checkpoints may predate vocab_size/hidden_size).
+PREFIX_SHAPE_KEYS = ("num_layers", "kv_heads", "head_dim", "hidden_size", "vocab_size")
 
 
 # ----------------------------------------------------------------------------- P-Tuning v2
@@ -38,6 +39,8 @@ def prefix_config(model_config, args: PtuningArguments) -> dict:
         "num_layers": model_config.num_hidden_layers,
         "kv_heads": getattr(model_config, "num_key_value_heads", None) or heads,
         "head_dim": getattr(model_config, "head_dim", None) or hidden_size // heads,
+        "hidden_size": hidden_size,
+        "vocab_size": model_config.vocab_size,
     }
 
 
@@ -72,9 +75,9 @@ def allow_trainer_on_quantized(model) -> None:
 def _checked_checkpoint_config(checkpoint: str, expected: dict, args: PtuningArguments) -> dict:
     """The checkpoint's prefix config, after checking it fits this base and the flags given."""
     saved = read_json(os.path.join(checkpoint, PREFIX_CONFIG), "--ptuning_checkpoint")
-    mismatched = [key for key in PREFIX_SHAPE_KEYS if saved.get(key) != expected[key]]
+    mismatched = [key for key in PREFIX_SHAPE_KEYS if key in saved and saved[key] != expected[key]]
     if mismatched:
-        details = ", ".join(f"{key} {saved.get(key)} vs {expected[key]}" for key in mismatched)
+        details = ", ".join(f"{key} {saved[key]} there, {expected[key]} here" for key in mismatched)
         raise GlmtuneError(f"--ptuning_checkpoint {checkpoint} was trained on a different base model ({details})")
     flags = {"pre_seq_len": args.pre_seq_len, "prefix_projection": args.prefix_projection or None}
     for key, value in flags.items():
