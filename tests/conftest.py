@@ -72,3 +72,19 @@ def ptuning_checkpoint(tmp_path_factory, tiny_model_dir) -> Path:
 def lora_checkpoint(tmp_path_factory, tiny_model_dir) -> Path:
     """A LoRA adapter (rank 4, all linear layers) trained 2 steps on the session's tiny model."""
     return _train_checkpoint(tmp_path_factory, tiny_model_dir, "lora", ["--lora_rank", "4", "--learning_rate", "1e-2"])
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    """The embedded default model (models/tiny-glm, pretrained on the toy text: its answers are readable).
+    Built by scripts/ensure_model.sh when missing (about 35 s), as the shell scripts do."""
+    import subprocess
+
+    subprocess.run(["bash", "scripts/ensure_model.sh", "models/tiny-glm"], cwd=REPO, check=True)
+    return REPO / "models" / "tiny-glm"
+
+
+@pytest.fixture(scope="session")
+def demo_ptuning_checkpoint(tmp_path_factory, demo_model_dir) -> Path:
+    """A P-Tuning v2 checkpoint (pre_seq_len 4) trained 2 steps on the embedded default model."""
+    return _train_checkpoint(tmp_path_factory, demo_model_dir, "ptuning", ["--pre_seq_len", "4", "--learning_rate", "1e-2"])

@@ -95,18 +95,18 @@ def _browser():
     return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))  # explicit paths: no Selenium Manager
 
 
-def test_web_demo_chats_with_streamed_greedy_answers_and_history(request, tmp_path, tiny_model_dir,
-                                                                  ptuning_checkpoint):
+def test_web_demo_chats_with_streamed_greedy_answers_and_history(request, tmp_path, demo_model_dir,
+                                                                  demo_ptuning_checkpoint):
     driver = _browser()  # fails with the setup hint before starting anything when the extras are missing
     request.addfinalizer(driver.quit)
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    url, server = _start_server(request, tmp_path, tiny_model_dir, ptuning_checkpoint)
+    url, server = _start_server(request, tmp_path, demo_model_dir, demo_ptuning_checkpoint)
     # The expected greedy answers, computed while the server starts: round 2 sees round 1 as history.
     max_new_tokens = _web_demo_module().MAX_NEW_TOKENS  # the slider's default
-    tuned = load_tuned(str(tiny_model_dir), str(ptuning_checkpoint))
+    tuned = load_tuned(str(demo_model_dir), str(demo_ptuning_checkpoint))
     queries = [json.loads(line)["content"] for line in TOY_DEV.open()][:2]
     history, expected_answers = [], []
     for query in queries:
