@@ -249,7 +249,7 @@ def free_memory() -> None:
 def print_table(results: list) -> None:
     naive = {r.row.split("+")[0]: r for r in results if r.impl == "naive"}
     single = next((r for r in results if r.impl == "one at a time"), None)
-    print(f"\n| row | impl | precision | batch x len | tokens/s | samples/s | peak GiB | MFU | vs naive (speed, memory) | last loss |")
+    print("\n| row | impl | precision | batch x len | tokens/s | samples/s | peak GiB | MFU | vs naive (speed, memory) | last loss |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         base = naive.get(r.row.split("+")[0]) if r.impl == "glmtune" else (single if r.impl == "glmtune batched" else None)

@@ -82,8 +82,8 @@ def test_compiled_layers_give_the_same_loss_and_gradients(model, tokenizer):
     compiled.prefix_encoder.load_state_dict(eager.prefix_encoder.state_dict())
     compile_decoder_layers(compiled)
     inputs, labels = batch(tokenizer)
-    for run in (eager, compiled):
-        run(**inputs, labels=labels).loss.backward()
+    for variant in (eager, compiled):
+        variant(**inputs, labels=labels).loss.backward()
     torch.testing.assert_close(compiled(**inputs, labels=labels).loss, eager(**inputs, labels=labels).loss)
     torch.testing.assert_close(compiled.prefix_encoder.embedding.weight.grad, eager.prefix_encoder.embedding.weight.grad,
                                atol=1e-6, rtol=1e-5)
