@@ -11,6 +11,7 @@ import logging
 import os
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from glmtune.arguments import LoraArguments, PtuningArguments
@@ -133,6 +134,9 @@ def add_lora(model, args: LoraArguments):
     if args.lora_checkpoint:
         try:
             model = PeftModel.from_pretrained(model, args.lora_checkpoint, is_trainable=False)
+        except SafetensorError as error:  # a truncated or corrupt weights file
+            path = os.path.join(args.lora_checkpoint, "adapter_model.safetensors")
+            raise GlmtuneError(f"--lora_checkpoint: {path} is corrupt: {error}") from None
         except (ValueError, OSError, RuntimeError) as error:
             raise GlmtuneError(f"--lora_checkpoint {args.lora_checkpoint}: cannot load this adapter: {error}") from None
     else:

@@ -3,7 +3,7 @@
 import logging
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from glmtune.arguments import ModelArguments
 from glmtune.errors import GlmtuneError
@@ -13,10 +13,14 @@ logger = logging.getLogger(__name__)
 
 def load_tokenizer(model_args: ModelArguments):
     path = model_args.model_name_or_path
+    try:  # the config first: a broken config.json otherwise surfaces as a puzzling tokenizer error
+        AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
+        raise GlmtuneError(f"--model_name_or_path {path}: config.json is not a usable model config: {_summary(error)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as error:
-        raise GlmtuneError(f"--model_name_or_path {path}: cannot load its tokenizer: {error}") from None
+        raise GlmtuneError(f"--model_name_or_path {path}: cannot load its tokenizer: {_summary(error)}") from None
     if tokenizer.eos_token_id is None:
         raise GlmtuneError(f"--model_name_or_path {path}: the tokenizer has no eos token, so answers cannot end")
     if tokenizer.pad_token_id is None:
@@ -24,6 +28,11 @@ def load_tokenizer(model_args: ModelArguments):
         logger.info("The tokenizer has no pad token; padding with the eos token %r", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _summary(error: Exception) -> str:
+    """The first paragraph of a library's error, on one line (the CLI prints one ``error:`` line per line)."""
+    return " ".join(str(error).split("\n\n")[0].split())
 
 
 def select_dtype(name: str) -> torch.dtype:
@@ -65,7 +74,7 @@ def load_base_model(model_args: ModelArguments):
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as error:
-        raise GlmtuneError(f"--model_name_or_path {path}: cannot load the model: {error}") from None
+        raise GlmtuneError(f"--model_name_or_path {path}: cannot load the model: {_summary(error)}") from None
     model.requires_grad_(False)
     model.config.use_cache = False  # the cache only helps generation, which turns it back on
     logger.info("Loaded %s (%s, %.1fM parameters)", path, dtype, model.num_parameters() / 1e6)

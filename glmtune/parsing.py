@@ -202,6 +202,7 @@ def _path_problems(config: RunConfig) -> list[str]:
         if path is not None and not os.path.isdir(path):
             problems.append(f"--{flag} {path}: no such folder")
     problems += _output_dir_problems(config)
+    problems += _resume_problems(config)
     return problems
 
 
@@ -219,6 +220,14 @@ def _data_file_problems(flag: str, path) -> list[str]:
 
 def _output_dir_problems(config: RunConfig) -> list[str]:
     training = config.training
+    # Every task writes there (weights, metrics, predictions): find out now, not after the work is done.
+    ancestor = os.path.abspath(training.output_dir)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return [f"--output_dir {training.output_dir}: cannot be created, {ancestor} is not a folder"]
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return [f"--output_dir {training.output_dir}: cannot be written, {ancestor} is not writable"]
     if not training.do_train or config.run.overwrite_output_dir or training.resume_from_checkpoint:
         return []
     if glob.glob(os.path.join(training.output_dir, "checkpoint-*")):
@@ -226,6 +235,16 @@ def _output_dir_problems(config: RunConfig) -> list[str]:
             f"--output_dir {training.output_dir} already holds checkpoints of another run: add "
             "--overwrite_output_dir to train over it, --resume_from_checkpoint to continue it, or pick a new folder"
         ]
+    return []
+
+
+def _resume_problems(config: RunConfig) -> list[str]:
+    """A --resume_from_checkpoint folder must exist before anything is written (see workflow.resolve_checkpoint)."""
+    resume = config.training.resume_from_checkpoint
+    if not config.training.do_train or resume is None or str(resume).lower() in ("last", "true"):
+        return []
+    if not os.path.isdir(resume):
+        return [f"--resume_from_checkpoint {resume}: no such folder"]
     return []
 
 

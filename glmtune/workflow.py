@@ -115,9 +115,7 @@ def resolve_checkpoint(resume_from_checkpoint, output_dir: str):
     if resume_from_checkpoint is None:
         return None
     if str(resume_from_checkpoint).lower() not in ("last", "true"):
-        if not os.path.isdir(resume_from_checkpoint):
-            raise GlmtuneError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder")
-        return resume_from_checkpoint
+        return resume_from_checkpoint  # checked to exist by glmtune.parsing
     last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     if last is None:
         raise GlmtuneError(f"--resume_from_checkpoint {resume_from_checkpoint}: no checkpoint-N folder in {output_dir}")
