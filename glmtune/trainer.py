@@ -9,11 +9,15 @@ Checkpoints (``checkpoint-N/`` and the final output folder):
 """
 
 import contextlib
+import glob
 import json
 import os
+import shutil
 
 import torch
 from transformers import Seq2SeqTrainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from glmtune.adapters import is_prefix_tuned, load_prefix_weights, save_prefix_checkpoint
 from glmtune.loss import TargetTokenLoss
@@ -73,6 +77,41 @@ class GlmtuneTrainer(Seq2SeqTrainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Why: a run killed mid-save left a partial checkpoint-N, and --resume_from_checkpoint last
+        # (get_last_checkpoint) resumed from it. So every file of step N is written to tmp-checkpoint-N
+        # and renamed to checkpoint-N in one os.replace once complete. get_last_checkpoint and rotation
+        # match only ^checkpoint-N$, so a tmp- leftover is never resumed from; the next save deletes it.
+        # Trainer._save_checkpoint builds the folder name itself, so the one hook it offers is the folder
+        # it asks for (_get_output_dir): super() writes tmp-checkpoint-N/checkpoint-N, we move that up.
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final, staging = os.path.join(run_dir, name), os.path.join(run_dir, "tmp-" + name)
+        if self.args.should_save:
+            for leftover in glob.glob(os.path.join(run_dir, f"tmp-{PREFIX_CHECKPOINT_DIR}-*")):
+                shutil.rmtree(leftover, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N (its rotation sees only that one)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()
+        if not self.args.should_save:
+            return
+        if self.state.best_model_checkpoint == os.path.join(staging, name):  # found under staging: name its home
+            self.state.best_model_checkpoint = final
+            self.state.save_to_json(os.path.join(staging, name, TRAINER_STATE_NAME))
+        if os.path.isdir(final):  # the same step saved again (resumed from an older checkpoint): replace it
+            shutil.rmtree(final)
+        os.replace(os.path.join(staging, name), final)
+        shutil.rmtree(staging, ignore_errors=True)
+        rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+
+    def _get_output_dir(self, trial) -> str:
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model or self.model
