@@ -157,13 +157,18 @@ def trial(method: str, model_dir, workdir, kills: int, seed: int = 7) -> dict:
 
 
 def main(argv=None) -> int:
+    global MAX_STEPS  # read by command() and check_output(); the tests keep the default of 12
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=MAX_STEPS,
+                        help="training steps (checkpoint every 2); each timed kill waits for a new checkpoint, "
+                        "so 10 kills need about 24 steps")
     parser.add_argument("--method", choices=["ptuning", "lora", "both"], default="both")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--model_name_or_path", help="default: a freshly built tiny GLM (random weights)")
     parser.add_argument("--workdir", help="default: a new temporary folder")
     args = parser.parse_args(argv)
+    MAX_STEPS = args.steps
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kill-resume-"))
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir = args.model_name_or_path
