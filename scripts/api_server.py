@@ -9,22 +9,7 @@
 Needs `pip install fastapi uvicorn` (see requirements-demo.txt); any OpenAI client works against it
 (base_url http://127.0.0.1:8000/v1).
 
-Requests:
-* messages: optional system (or developer) messages first, then user/assistant turns alternating, the last
-  one from the user. Earlier user/assistant pairs become the history; the system messages (joined by a
-  blank line) are put in front of the first user message, as "{system}\\n\\n{first user message}".
-  Content is a string or a list of {"type": "text", "text": ...} parts.
-* max_tokens (or max_completion_tokens; default 128), temperature, top_p, stream, n (only 1). Decoding is
-  greedy unless temperature > 0, which samples with that temperature and top_p. stop is refused unless
-  empty. "model" is accepted with any value; replies carry this server's --model_name. Other OpenAI
-  fields (seed, user, ...) are ignored.
-* A prompt longer than --max_source_length tokens is refused (400, code context_length_exceeded) rather
-  than truncated. usage counts the prompt tokens and the generated tokens (the end-of-sequence token
-  included when the model stopped by itself, finish_reason "stop"; "length" when max_tokens ran out).
-
-One worker owns the model: requests wait in a queue; non-streaming requests with the same decoding
-settings are answered together by one batched TunedModel.generate call (up to --max_batch_size), and
-streaming requests one at a time. Generation runs in a thread, never on the event loop.
+What requests may hold, how they are checked and batched: glmtune/serving.py.
 """
 
 import argparse
