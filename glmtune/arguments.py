@@ -151,7 +151,8 @@ class RunArguments:
         default=None,
         metadata={
             "help": "torch.compile each decoder layer for training (dynamic shapes): 1.4-1.9x faster steps on an "
-            "H100 after about a minute of compilation. Default: on when training on a CUDA GPU, off on CPU."
+            "H100 after about a minute of compilation. Default: on when training a bf16/fp16 base on a CUDA GPU; "
+            "off on CPU and for 4/8-bit bases (not measured there yet)."
         },
     )
     target_token_loss: bool = field(

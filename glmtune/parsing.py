@@ -268,8 +268,8 @@ def _fill_defaults(config: RunConfig) -> None:
         training.gradient_checkpointing_kwargs = {"use_reentrant": False}
     if training.do_predict:
         training.predict_with_generate = True  # prediction means generating text to score
-    if config.run.compile_layers is None:
-        config.run.compile_layers = training.do_train and _cuda_available()
+    if config.run.compile_layers is None:  # measured on bf16 bases only (docs/benchmarks.md); opt in for 4/8-bit
+        config.run.compile_layers = training.do_train and _cuda_available() and not config.model.quantization_bit
     if not _cuda_available():
         training.dataloader_pin_memory = False  # pinning only helps copies to a GPU (and warns without one)
     training.remove_unused_columns = False  # our collators build exactly the model's inputs
