@@ -11,6 +11,8 @@ from glmtune import tiny
 REPO = Path(__file__).resolve().parents[1]
 TOY_TRAIN = REPO / "data" / "adgen-toy" / "train.json"
 TOY_DEV = REPO / "data" / "adgen-toy" / "dev.json"
+SHARED = REPO.parent / "shared"  # test material beside the checkout (also in CI): real data, golden outputs
+GOLDEN = SHARED / "golden"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # selenium brings trio, whose "hypothesis" entry point fails to load with the hypothesis we pin; nothing
