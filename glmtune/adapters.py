@@ -14,6 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from glmtune import chatglm
+from glmtune.chatglm import prefix_format
 from glmtune.arguments import LoraArguments, PtuningArguments
 from glmtune.errors import GlmtuneError
 from glmtune.prefix import PrefixEncoder, attach_prefix
@@ -32,14 +34,17 @@ PREFIX_SHAPE_KEYS = ("num_layers", "kv_heads", "head_dim", "hidden_size", "vocab
 def prefix_config(model_config, args: PtuningArguments) -> dict:
     hidden_size = model_config.hidden_size
     heads = model_config.num_attention_heads
+    num_layers = model_config.num_hidden_layers
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or hidden_size // heads
     return {
         "pre_seq_len": args.pre_seq_len,
         "prefix_projection": args.prefix_projection,
         "prefix_hidden_size": args.prefix_hidden_size or hidden_size,
-        "embedding_dim": hidden_size,
-        "num_layers": model_config.num_hidden_layers,
-        "kv_heads": getattr(model_config, "num_key_value_heads", None) or heads,
-        "head_dim": getattr(model_config, "head_dim", None) or hidden_size // heads,
+        "embedding_dim": chatglm.prefix_embedding_dim(model_config, num_layers * 2 * kv_heads * head_dim),
+        "num_layers": num_layers,
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
         "hidden_size": hidden_size,
         "vocab_size": model_config.vocab_size,
     }
@@ -75,7 +80,10 @@ def allow_trainer_on_quantized(model) -> None:
 
 def _checked_checkpoint_config(checkpoint: str, expected: dict, args: PtuningArguments) -> dict:
     """The checkpoint's prefix config, after checking it fits this base and the flags given."""
-    saved = read_json(os.path.join(checkpoint, PREFIX_CONFIG), "--ptuning_checkpoint")
+    if _is_original_format(checkpoint):
+        saved = prefix_format.original_prefix_config(checkpoint, expected)
+    else:
+        saved = read_json(os.path.join(checkpoint, PREFIX_CONFIG), "--ptuning_checkpoint")
     mismatched = [key for key in PREFIX_SHAPE_KEYS if key in saved and saved[key] != expected[key]]
     if mismatched:
         details = ", ".join(f"{key} {saved[key]} there, {expected[key]} here" for key in mismatched)
@@ -100,27 +108,48 @@ def read_json(path: str, flag: str) -> dict:
         raise GlmtuneError(f"{flag}: {path} is corrupt: {error}") from None
 
 
+def is_prefix_checkpoint(folder: str) -> bool:
+    """A P-Tuning v2 checkpoint, glmtune's or the ancestors'."""
+    return os.path.isfile(os.path.join(folder, PREFIX_CONFIG)) or _is_original_format(folder)
+
+
+def _is_original_format(checkpoint: str) -> bool:
+    """An ancestors' checkpoint: their pytorch_model.bin and none of glmtune's files."""
+    return (not os.path.isfile(os.path.join(checkpoint, PREFIX_CONFIG)) and prefix_format.has_original_prefix(checkpoint)
+            and not os.path.isfile(os.path.join(checkpoint, "adapter_config.json")))
+
+
 def save_prefix_checkpoint(model, output_dir: str) -> None:
     os.makedirs(output_dir, exist_ok=True)
     encoder = model.prefix_encoder
     weights = {name: tensor.detach().contiguous().cpu() for name, tensor in encoder.state_dict().items()}
     save_file(weights, os.path.join(output_dir, PREFIX_WEIGHTS), metadata={"format": "pt"})
+    if chatglm.is_chatglm_config(model.config):  # also readable by the ancestors' own ptuning code
+        prefix_format.save_original_prefix(weights, output_dir)
     with open(os.path.join(output_dir, PREFIX_CONFIG), "w", encoding="utf-8") as f:
         json.dump(encoder.glmtune_config, f, indent=2)
 
 
 def load_prefix_weights(model, checkpoint: str) -> None:
     path = os.path.join(checkpoint, PREFIX_WEIGHTS)
-    try:
-        weights = load_file(path)
-    except FileNotFoundError:
-        raise GlmtuneError(f"{checkpoint}: no {PREFIX_WEIGHTS} in it") from None
-    except Exception as error:  # safetensors raises its own error types for truncated files
-        raise GlmtuneError(f"{path} is corrupt: {error}") from None
+    if _is_original_format(checkpoint):
+        path = os.path.join(checkpoint, prefix_format.ORIGINAL_WEIGHTS)
+        weights = prefix_format.read_original_prefix(checkpoint)
+    else:
+        weights = _read_prefix_weights(checkpoint, path)
     try:
         model.prefix_encoder.load_state_dict(weights, strict=True)
     except RuntimeError as error:
         raise GlmtuneError(f"{path} does not fit this prefix encoder: {error}") from None
+
+
+def _read_prefix_weights(checkpoint: str, path: str) -> dict:
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise GlmtuneError(f"{checkpoint}: no {PREFIX_WEIGHTS} in it") from None
+    except Exception as error:  # safetensors raises its own error types for truncated files
+        raise GlmtuneError(f"{path} is corrupt: {error}") from None
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -142,7 +171,7 @@ def add_lora(model, args: LoraArguments):
     else:
         config = LoraConfig(
             task_type="CAUSAL_LM", r=args.lora_rank, lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout, target_modules=lora_targets(args.lora_target),
+            lora_dropout=args.lora_dropout, target_modules=lora_targets(args.lora_target, model.config),
         )
         try:
             model = get_peft_model(model, config)
@@ -152,10 +181,11 @@ def add_lora(model, args: LoraArguments):
     return model
 
 
-def lora_targets(spec: str):
-    """'all' -> every linear layer except the output head (PEFT's 'all-linear'); else a list of names."""
+def lora_targets(spec: str, model_config=None):
+    """'all' -> every linear layer except the output head (PEFT's 'all-linear'; for the original ChatGLM
+    models their four linear layers by name, as their LoRA recipes write it); else a list of names."""
     if spec.strip() == "all":
-        return "all-linear"
+        return list(chatglm.LORA_TARGETS) if chatglm.is_chatglm_config(model_config) else "all-linear"
     return [name.strip() for name in spec.split(",") if name.strip()]
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import TextIteratorStreamer
 
-from glmtune.adapters import PREFIX_CONFIG, add_lora, add_prefix_encoder
+from glmtune.adapters import PREFIX_CONFIG, add_lora, add_prefix_encoder, is_prefix_checkpoint
 from glmtune.arguments import LoraArguments, ModelArguments, PtuningArguments
 from glmtune.data import Encoder
 from glmtune.errors import GlmtuneError
@@ -77,7 +77,7 @@ def checkpoint_method(checkpoint) -> str:
         return "base"
     if not os.path.isdir(checkpoint):
         raise GlmtuneError(f"checkpoint {checkpoint}: no such folder")
-    if os.path.isfile(os.path.join(checkpoint, PREFIX_CONFIG)):
+    if is_prefix_checkpoint(checkpoint):
         return "ptuning"
     if os.path.isfile(os.path.join(checkpoint, ADAPTER_CONFIG)):
         return "lora"

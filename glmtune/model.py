@@ -5,6 +5,7 @@ import logging
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from glmtune import chatglm
 from glmtune.arguments import ModelArguments
 from glmtune.errors import GlmtuneError
 
@@ -14,11 +15,11 @@ logger = logging.getLogger(__name__)
 def load_tokenizer(model_args: ModelArguments):
     path = model_args.model_name_or_path
     try:  # the config first: a broken config.json otherwise surfaces as a puzzling tokenizer error
-        AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-    except (OSError, ValueError, KeyError) as error:
+        load_config(model_args)
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise GlmtuneError(f"--model_name_or_path {path}: config.json is not a usable model config: {_summary(error)}") from None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+        tokenizer = load_plain_tokenizer(model_args)
     except (OSError, ValueError) as error:
         raise GlmtuneError(f"--model_name_or_path {path}: cannot load its tokenizer: {_summary(error)}") from None
     if tokenizer.eos_token_id is None:
@@ -28,6 +29,23 @@ def load_tokenizer(model_args: ModelArguments):
         logger.info("The tokenizer has no pad token; padding with the eos token %r", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_config(model_args: ModelArguments):
+    path = model_args.model_name_or_path
+    if chatglm.is_chatglm_folder(path):  # THUDM's folders: glmtune's own classes, never their remote code
+        return chatglm.load_config(path)
+    return AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+
+
+def load_plain_tokenizer(model_args: ModelArguments):
+    """The tokenizer as the base ships it (no pad token added); ChatGLM folders get glmtune's own classes."""
+    path = model_args.model_name_or_path
+    if chatglm.is_chatglm_folder(path):
+        from glmtune.chatglm.tokenization import load_chatglm_tokenizer
+
+        return load_chatglm_tokenizer(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
 
 
 def _summary(error: Exception) -> str:
@@ -71,8 +89,12 @@ def load_base_model(model_args: ModelArguments):
         kwargs["quantization_config"] = quantization_config(model_args.quantization_bit, dtype)
         kwargs["device_map"] = {"": torch.cuda.current_device()}  # bitsandbytes quantizes on the GPU
     path = model_args.model_name_or_path
+    model_class = AutoModelForCausalLM
+    if chatglm.is_chatglm_folder(path):
+        model_class = chatglm.causal_lm_class(path)
+        kwargs.pop("trust_remote_code")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = model_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as error:
         raise GlmtuneError(f"--model_name_or_path {path}: cannot load the model: {_summary(error)}") from None
     model.requires_grad_(False)

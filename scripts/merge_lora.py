@@ -79,16 +79,14 @@ def check_args(args) -> None:
 
 def merge(args) -> str:
     """Load, merge, save to OUTPUT.partial, rename; returns OUTPUT."""
-    from transformers import AutoTokenizer
-
     from glmtune.adapters import add_lora
     from glmtune.arguments import LoraArguments, ModelArguments
-    from glmtune.model import load_base_model
+    from glmtune.model import load_base_model, load_plain_tokenizer
 
     model_args = ModelArguments(model_name_or_path=args.model_name_or_path, torch_dtype=args.torch_dtype,
                                 trust_remote_code=args.trust_remote_code)
     try:  # the tokenizer as the base ships it (no pad token added, unlike training's loader)
-        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        tokenizer = load_plain_tokenizer(model_args)
     except (OSError, ValueError) as error:
         raise GlmtuneError(f"--model_name_or_path {args.model_name_or_path}: cannot load its tokenizer: {error}") from None
     base = load_base_model(model_args)

@@ -22,3 +22,61 @@ compilation work on these models exactly as on native transformers models):
 * configs answer the standard names ``num_hidden_layers``, ``num_key_value_heads``, ``head_dim``,
   ``vocab_size``, ``hidden_size``, ``num_attention_heads``.
 """
+
+import json
+import os
+
+MODEL_TYPE = "chatglm"
+
+
+def read_config(path: str) -> dict:
+    """config.json of a model folder as a dict ({} when there is none or it is not JSON)."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def is_chatglm_folder(path: str) -> bool:
+    return read_config(path).get("model_type") == MODEL_TYPE
+
+
+def architecture(config: dict) -> str:
+    """'v1' (ChatGLM-6B) or 'v2' (ChatGLM2-6B and ChatGLM3-6B, one architecture), from config.json's fields."""
+    if "padded_vocab_size" in config or "multi_query_attention" in config or "kv_channels" in config:
+        return "v2"
+    return "v1"
+
+
+def causal_lm_class(path: str):
+    """glmtune's model class for the ChatGLM folder at ``path`` (imported lazily: most runs never need it)."""
+    if architecture(read_config(path)) == "v1":
+        from glmtune.chatglm.modeling_v1 import ChatGLMForCausalLM
+
+        return ChatGLMForCausalLM
+    from glmtune.chatglm.modeling_v2 import ChatGLM2ForCausalLM
+
+    return ChatGLM2ForCausalLM
+
+
+def load_config(path: str):
+    return causal_lm_class(path).config_class.from_pretrained(path)
+
+
+def is_chatglm_config(model_config) -> bool:
+    return getattr(model_config, "model_type", None) == MODEL_TYPE
+
+
+def prefix_embedding_dim(model_config, kv_size: int) -> int:
+    """Width of the prefix embedding when the prefix is projected: ChatGLM-6B projects hidden -> hidden -> kv,
+    ChatGLM2/3-6B kv -> hidden -> kv (their checkpoints' shapes); other models use hidden_size."""
+    if is_chatglm_config(model_config) and architecture(model_config.to_dict()) == "v2":
+        return kv_size
+    return model_config.hidden_size
+
+
+# The original LoRA recipes' targets on these models (ChatGLM-Tuning, ChatGLM3 finetune_demo): every linear
+# layer of the decoder, by their original names.
+LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
