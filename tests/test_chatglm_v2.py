@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import GOLDEN
-from glmtune.chatglm.modeling_v2 import ChatGLM2Config, ChatGLM2ForCausalLM
+from glmtune.chatglm.modeling_v2 import ChatGLM2Config, ChatGLM2ForCausalLM, attention_bias
 from glmtune.errors import GlmtuneError
 from glmtune.prefix import PrefixEncoder, attach_prefix
 
@@ -96,6 +96,39 @@ def test_forward_infer_with_prefix_last_position(variant):
         logits = load_model(variant=variant)(input_ids=golden["input_ids"], attention_mask=golden["attention_mask"],
                                              position_ids=golden["position_ids"], logits_to_keep=1).logits
     parity_errors(logits[:, -1], golden, name="logits_last")
+
+
+def test_right_padded_batch_with_mask_equals_golden_at_real_positions():
+    """A right-padded batch needs no mask (causality hides the trailing padding); it runs unmasked SDPA."""
+    golden = load_file(V3 / "forward_train.safetensors")
+    ids = golden["input_ids"]
+    lengths = torch.tensor([int((row != 0).nonzero().max()) + 1 for row in ids])
+    real = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+    assert not real.all()
+    assert attention_bias(real.long(), ids.shape[1], 0, torch.float32, "cpu") is None
+    with torch.no_grad():
+        out = load_model(V3 / "config.json")(input_ids=ids, attention_mask=real.long(), labels=golden["labels"])
+    parity_errors(out.logits, golden, real=real)
+    assert abs(out.loss.item() - golden["loss"].item()) < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["base", "ptuning_proj_false"])
+def test_prefill_in_chunks_through_the_cache_equals_one_forward(variant):
+    """Queries after cached tokens: left-padded (explicit mask with a past) and unpadded (causal with a past)."""
+    golden = load_file(V2 / "forward_infer.safetensors")
+    model = load_model(variant=variant)
+    for rows, mask in ((slice(None), golden["attention_mask"]), (slice(1, 2), None)):
+        ids, positions = golden["input_ids"][rows], golden["position_ids"][rows]
+        with torch.no_grad():
+            whole = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            first = model(input_ids=ids[:, :7], attention_mask=None if mask is None else mask[:, :7],
+                          position_ids=positions[:, :7], use_cache=True)
+            rest = model(input_ids=ids[:, 7:], attention_mask=mask, position_ids=positions[:, 7:],
+                         past_key_values=first.past_key_values, use_cache=True).logits
+        torch.testing.assert_close(torch.cat([first.logits, rest], dim=1)[:, 6:], whole[:, 6:], atol=1e-5, rtol=1e-5)
+        if variant == "base":
+            parity_errors(whole, {k: v if k == "logits_vocab_cols" else v[rows] for k, v in golden.items()},
+                          real=golden["attention_mask"][rows] == 1)
 
 
 def generate(model, inputs: dict, **kwargs) -> list:

@@ -272,7 +272,7 @@ def default_position_ids(attention_mask, batch: int, length: int, past_len: int,
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
 
 
-def attention_bias(attention_mask, q_len: int, past_len: int, dtype: torch.dtype):
+def attention_bias(attention_mask, q_len: int, past_len: int, dtype: torch.dtype, device):
     """Additive mask ``[B, 1, Q, K]`` (0 visible, dtype min hidden), or ``None`` for plain causal attention.
 
     ``attention_mask`` is the usual 2-D padding mask over cached + current tokens (1 = real). Real query
@@ -280,26 +280,43 @@ def attention_bias(attention_mask, q_len: int, past_len: int, dtype: torch.dtype
     a first forward see every key: their outputs are never read, and no softmax row is ever empty, which
     in SDPA would give NaN that then leaks through the values of masked keys. A finite minimum instead of
     -inf keeps even a degenerate all-hidden row finite.
+
+    ``None`` wherever causality alone gives the real tokens the same outputs, so that SDPA can run its
+    flash kernel: no padding, or (first forward) padding only after each row's real tokens, as in
+    right-padded training batches; there only the never-read padding rows differ from the original.
     """
     if attention_mask is not None and attention_mask.ndim != 2:
         raise ValueError(f"ChatGLM2: attention_mask must be 2-D [batch, keys] (1 = token), got {tuple(attention_mask.shape)}")
-    k_len = past_len + q_len
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    if not padded and (past_len == 0 or q_len == 1):
+    if attention_mask is None or (q_len == 1 and bool(attention_mask.all())):
+        return None if past_len == 0 or q_len == 1 else _bias(_causal(q_len, past_len, device)[None], dtype)
+    if past_len == 0 and _padded_only_at_end(attention_mask):
         return None
-    device = attention_mask.device if attention_mask is not None else None
+    k_len = past_len + q_len
+    if attention_mask.shape[-1] != k_len:
+        raise ValueError(f"ChatGLM2: attention_mask covers {attention_mask.shape[-1]} tokens, expected "
+                         f"{k_len} (cached {past_len} + current {q_len})")
+    real = attention_mask.to(device).bool()
+    visible = _causal(q_len, past_len, device)[None] & real[:, None, :]
+    if past_len == 0:
+        visible = visible | ~real[:, :, None]
+    return _bias(visible, dtype)
+
+
+def _causal(q_len: int, past_len: int, device) -> torch.Tensor:
+    """``[Q, K]`` bool, True where query i (at position past_len + i) may see key j."""
     rows = torch.arange(q_len, device=device)[:, None] + past_len
-    visible = (torch.arange(k_len, device=device)[None, :] <= rows)[None]
-    if padded:
-        if attention_mask.shape[-1] != k_len:
-            raise ValueError(f"ChatGLM2: attention_mask covers {attention_mask.shape[-1]} tokens, expected "
-                             f"{k_len} (cached {past_len} + current {q_len})")
-        real = attention_mask.bool()
-        visible = visible & real[:, None, :]
-        if past_len == 0:
-            visible = visible | ~real[:, :, None]
+    return torch.arange(past_len + q_len, device=device)[None, :] <= rows
+
+
+def _bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
     return bias.masked_fill(~visible, torch.finfo(dtype).min)[:, None]
+
+
+def _padded_only_at_end(attention_mask: torch.Tensor) -> bool:
+    """No row has a real token after a padding one (one host sync per forward, outside the layers)."""
+    real = attention_mask.bool()
+    return not bool((real[:, 1:] & ~real[:, :-1]).any())
 
 
 class ChatGLM2Model(ChatGLM2PreTrainedModel):
@@ -337,7 +354,7 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
         batch, length = inputs_embeds.shape[:2]
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, batch, length, past_len, inputs_embeds.device)
-        mask = attention_bias(attention_mask, length, past_len, inputs_embeds.dtype)
+        mask = attention_bias(attention_mask, length, past_len, inputs_embeds.dtype, inputs_embeds.device)
         position_embeddings = self.rotary_pos_emb(position_ids, inputs_embeds.dtype)
 
         hidden_states = inputs_embeds
