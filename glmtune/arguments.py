@@ -52,9 +52,10 @@ class DataArguments:
     prompt_template: str = field(
         default="auto",
         metadata={
-            "help": "How a query (and history) becomes the prompt: auto (the tokenizer's chat template if it has "
-            "one, else chatglm2), chat_template, chatglm2 ('[Round 1]\\n\\n问：…\\n\\n答：'), chatglm "
-            "(ChatGLM-6B: raw query, or '[Round 0]\\n问：…\\n答：' rounds with history) or raw (the query alone)."
+            "help": "How a query (and history) becomes the prompt: auto (an original ChatGLM/ChatGLM2/ChatGLM3 "
+            "tokenizer's own format; else the tokenizer's chat template if it has one; else chatglm2), chat_template, "
+            "chatglm3 (role tokens: '[gMASK]sop<|user|>\\n…<|assistant|>'), chatglm2 ('[Round 1]\\n\\n问：…\\n\\n答：'), "
+            "chatglm (ChatGLM-6B: raw query, or '[Round 0]\\n问：…\\n答：' rounds with history) or raw (the query alone)."
         },
     )
     max_source_length: int = field(default=1024, metadata={"help": "Prompt tokens kept per sample."})

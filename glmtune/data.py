@@ -22,7 +22,7 @@ import torch
 
 from glmtune.arguments import IGNORE_INDEX, DataArguments
 from glmtune.errors import DataError
-from glmtune.prompt import PromptFormat
+from glmtune.prompt import PromptFormat, Special
 
 logger = logging.getLogger(__name__)
 
@@ -163,14 +163,13 @@ class Encoder:
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
         self.train = train
-        # Chat templates write their own special tokens (BOS, [gMASK], ...); plain templates rely on the tokenizer's.
-        self.add_special_tokens = prompt_format.template != "chat_template"
+        self.frame = special_token_frame(tokenizer) if prompt_format.framed else ([], [])
 
     def __call__(self, batch: dict) -> dict:
         out = {"input_ids": [], "labels": [], "source_truncated": [], "target_truncated": []}
         for prompt, response, history in zip(batch["prompt"], batch["response"], batch["history"]):
             prompt_ids, source_cut = self.encode_prompt(prompt, history)
-            answer_ids = self.tokenizer.encode(response, add_special_tokens=False)
+            answer_ids = self.encode_segments(self.format.answer_segments(response))
             target_cut = len(answer_ids) > self.max_target_length
             answer_ids = answer_ids[: self.max_target_length]
             if self.train:
@@ -184,14 +183,43 @@ class Encoder:
             out["target_truncated"].append(target_cut)
         return out
 
+    def prompt_ids(self, prompt: str, history) -> list:
+        """The whole prompt's ids, untruncated."""
+        before, after = self.frame
+        return before + self.encode_segments(self.format.segments(prompt, history)) + after
+
     def encode_prompt(self, prompt: str, history) -> tuple[list, bool]:
-        ids = self.tokenizer.encode(self.format.render(prompt, history), add_special_tokens=self.add_special_tokens)
-        if len(ids) <= self.max_source_length:
-            return ids, False
-        tail = self.tokenizer.encode(self.format.tail(history), add_special_tokens=False)
-        keep_tail = min(len(tail), self.max_source_length // 2)
-        head = ids[: self.max_source_length - keep_tail]
-        return head + (ids[len(ids) - keep_tail :] if keep_tail else []), True
+        """The prompt's ids within max_source_length: the head is kept, and so is the cue after the query
+        (and the tokenizer's special tokens around the prompt), so the model still knows an answer follows."""
+        before, after = self.frame
+        body = self.encode_segments(self.format.segments(prompt, history))
+        budget = self.max_source_length - len(before) - len(after)
+        if len(body) <= budget:
+            return before + body + after, False
+        tail = self.encode_segments(self.format.tail(history))
+        keep_tail = min(len(tail), budget // 2)
+        body = body[: budget - keep_tail] + (body[len(body) - keep_tail :] if keep_tail else [])
+        return before + body + after, True
+
+    def encode_segments(self, segments: list) -> list:
+        ids = []
+        for segment in segments:
+            if isinstance(segment, Special):
+                ids.append(self.tokenizer.convert_tokens_to_ids(segment))
+            elif segment:
+                ids += self.tokenizer.encode(segment, add_special_tokens=False)
+        return ids
+
+
+def special_token_frame(tokenizer) -> tuple[list, list]:
+    """The ids the tokenizer adds before and after a text (``add_special_tokens=True``): a BOS, ChatGLM2's
+    ``[gMASK] sop``, ChatGLM-6B's trailing ``[gMASK] <sop>``... Read off a probe so that any tokenizer works."""
+    bare = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a", add_special_tokens=True)
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
+    raise ValueError(f"{type(tokenizer).__name__}: cannot tell which special tokens it adds around a text")
 
 
 def tokenize(dataset, tokenizer, prompt_format, data_args: DataArguments, split: str):

@@ -29,10 +29,12 @@ class TunedModel:
     method: str  # "ptuning", "lora" or "base"
     max_source_length: int = 1024
 
+    def encoder(self) -> Encoder:
+        return Encoder(self.tokenizer, self.prompt_format, self.max_source_length, 1, train=False)
+
     def encode(self, query: str, history=None) -> list:
         """Prompt ids exactly as training built them (same template, same truncation)."""
-        encoder = Encoder(self.tokenizer, self.prompt_format, self.max_source_length, 1, train=False)
-        return encoder.encode_prompt(query, history or [])[0]
+        return self.encoder().encode_prompt(query, history or [])[0]
 
     def generate(self, queries: list, histories=None, **generate_kwargs) -> list:
         """Answers for several queries at once (left-padded batch), in order."""
@@ -63,8 +65,7 @@ class TunedModel:
             self.model.generate(**kwargs)
 
     def _generate_kwargs(self, overrides: dict) -> dict:
-        kwargs = {"max_new_tokens": 128, "do_sample": False, "use_cache": True,
-                  "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": self.tokenizer.eos_token_id}
+        kwargs = {"max_new_tokens": 128, "do_sample": False, "use_cache": True, **self.prompt_format.generation_ids()}
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
         if not kwargs.get("do_sample"):
             kwargs.pop("top_p", None), kwargs.pop("temperature", None)

@@ -150,8 +150,7 @@ def parse_messages(messages) -> tuple:
 
 def prompt_length(tuned, query: str, history: list) -> int:
     """Tokens of the full prompt, untruncated, exactly as TunedModel.encode tokenizes it."""
-    text = tuned.prompt_format.render(query, history)
-    return len(tuned.tokenizer.encode(text, add_special_tokens=tuned.prompt_format.template != "chat_template"))
+    return len(tuned.encoder().prompt_ids(query, history))
 
 
 def parse_request(body, tuned, max_source_length: int) -> Job:
@@ -203,14 +202,16 @@ class TokenRecorder:
         stop = self.cancelled is not None and self.cancelled.is_set()
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
-    def outcomes(self, prompt_width: int, eos_token_id: int, max_new_tokens: int) -> list:
-        """(completion_tokens, finish_reason) per row."""
+    def outcomes(self, prompt_width: int, stop_ids, max_new_tokens: int) -> list:
+        """(completion_tokens, finish_reason) per row; ``stop_ids``: generate()'s eos_token_id (one or a list)."""
         if self.ids is None:
             return None
+        stop_ids = set(stop_ids) if isinstance(stop_ids, (list, tuple)) else {stop_ids}
         results = []
         for row in self.ids[:, prompt_width:].tolist():
-            if eos_token_id in row:
-                results.append((row.index(eos_token_id) + 1, "stop"))
+            stops = [i for i, token in enumerate(row) if token in stop_ids]
+            if stops:
+                results.append((stops[0] + 1, "stop"))
             else:
                 results.append((len(row), "length" if len(row) >= max_new_tokens else "stop"))
         return results
@@ -278,7 +279,7 @@ class Worker:
             width = max(len(tuned.encode(j.query, j.history)) for j in batch)
             texts = tuned.generate([j.query for j in batch], [j.history for j in batch],
                                    stopping_criteria=StoppingCriteriaList([recorder]), **batch[0].generate_kwargs())
-            outcomes = recorder.outcomes(width, tuned.tokenizer.eos_token_id, batch[0].max_new_tokens)
+            outcomes = recorder.outcomes(width, tuned.prompt_format.generation_ids()["eos_token_id"], batch[0].max_new_tokens)
             outcomes = outcomes or [(0, "stop")] * len(batch)
             for job, text, (tokens, reason) in zip(batch, texts, outcomes):
                 loop.call_soon_threadsafe(_resolve, job.future, (text, tokens, reason))
@@ -296,7 +297,7 @@ class Worker:
             for piece in tuned.stream(job.query, job.history, stopping_criteria=StoppingCriteriaList([recorder]),
                                       **job.generate_kwargs()):
                 loop.call_soon_threadsafe(job.pieces.put_nowait, piece)
-            outcomes = recorder.outcomes(width, tuned.tokenizer.eos_token_id, job.max_new_tokens) or [(0, "stop")]
+            outcomes = recorder.outcomes(width, tuned.prompt_format.generation_ids()["eos_token_id"], job.max_new_tokens) or [(0, "stop")]
             loop.call_soon_threadsafe(job.pieces.put_nowait, ("end", *outcomes[0]))
         except Exception as error:  # noqa: BLE001
             loop.call_soon_threadsafe(job.pieces.put_nowait, error)

@@ -37,7 +37,7 @@ def run(config: RunConfig) -> dict:
     model = attach_method(config, load_base_model(config.model))
     if config.run.compile_layers:
         compile_decoder_layers(model)
-    trainer = build_trainer(config, model, tokenizer, datasets)
+    trainer = build_trainer(config, model, tokenizer, datasets, prompt_format)
     results = {}
     if training.do_train:
         results.update(train(trainer, config, len(datasets["train"])))
@@ -80,11 +80,11 @@ def attach_method(config: RunConfig, model):
     return add_lora(model, config.lora)
 
 
-def build_trainer(config: RunConfig, model, tokenizer, datasets: dict) -> GlmtuneTrainer:
+def build_trainer(config: RunConfig, model, tokenizer, datasets: dict, prompt_format: PromptFormat) -> GlmtuneTrainer:
     training = config.training
     generating = training.predict_with_generate
     generate_kwargs = config.generation.to_generate_kwargs(config.data.val_max_target_length)
-    generate_kwargs.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    generate_kwargs.update(prompt_format.generation_ids(), use_cache=True)
     return GlmtuneTrainer(
         model=model,
         args=training,

@@ -18,6 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, no install
 
+from glmtune.parsing import TEMPLATES  # noqa: E402
+
 
 # ----------------------------------------------------------------------------- command line
 
@@ -27,7 +29,7 @@ def parse_args(argv=None):
     parser.add_argument("--model_name_or_path", default="models/tiny-glm", help="base model folder")
     parser.add_argument("--checkpoint", default=None, help="P-Tuning v2 checkpoint folder or LoRA adapter folder")
     parser.add_argument("--quantization_bit", type=int, choices=[4, 8], default=None, help="4 or 8 (CUDA + bitsandbytes)")
-    parser.add_argument("--prompt_template", default="auto", help="auto, chat_template, chatglm2, chatglm or raw")
+    parser.add_argument("--prompt_template", default="auto", choices=TEMPLATES, help="prompt format, as in training (default auto)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api_key", default=os.environ.get("GLMTUNE_API_KEY") or None,

@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, no install
 
 from glmtune.errors import GlmtuneError  # noqa: E402
+from glmtune.parsing import TEMPLATES  # noqa: E402
 
 USER_PROMPT = "用户："
 BOT_PROMPT = "ChatGLM："
@@ -31,7 +32,7 @@ def parse_args(argv=None):
                         help="quantize the base to 4 or 8 bits at load time (CUDA GPU + bitsandbytes)")
     parser.add_argument("--torch_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--prompt_template", default="auto",
-                        help="the template the checkpoint was trained with (auto: the tokenizer's chat template, else chatglm2)")
+                        choices=TEMPLATES, help="the template the checkpoint was trained with (default auto, as in training)")
     parser.add_argument("--source_prefix", default="", help="text put before every query, as in training")
     parser.add_argument("--max_source_length", type=int, default=1024,
                         help="prompt tokens kept (history included; the oldest text is cut first as in training)")

@@ -24,6 +24,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reporting
 import gradio as gr  # noqa: E402
 
 from glmtune.errors import GlmtuneError  # noqa: E402
+from glmtune.parsing import TEMPLATES  # noqa: E402
 from glmtune.inference import load_tuned  # noqa: E402
 
 MAX_NEW_TOKENS = 128  # slider defaults (128 new tokens: TunedModel's default too)
@@ -42,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quantization_bit", type=int, choices=[4, 8], default=None,
                         help="quantize the base to 4 or 8 bits (CUDA GPU + bitsandbytes)")
     parser.add_argument("--prompt_template", default="auto",
-                        choices=["auto", "chat_template", "chatglm2", "chatglm", "raw"],
+                        choices=TEMPLATES,
                         help="prompt format, as in training (default auto)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from glmtune.prompt import PromptFormat, resolve_template
+from glmtune.prompt import PromptFormat, Special, resolve_template
 
 # A small chat template in the GLM-4 style, written with the tiny tokenizer's special tokens.
 CHAT_TEMPLATE = (
@@ -149,14 +149,14 @@ def test_chat_template_on_a_tokenizer_without_one_raises(tokenizer):
 @pytest.mark.parametrize("history", [None, HISTORY_1, HISTORY_2])
 def test_chatglm2_tail_is_the_answer_cue(history):
     fmt = PromptFormat("chatglm2", source_prefix="PFX")
-    assert fmt.tail(history) == "\n\n答："
-    assert fmt.render("q", history).endswith("q" + fmt.tail(history))
+    assert fmt.tail(history) == ["\n\n答："]
+    assert fmt.render("q", history).endswith("q" + "".join(fmt.tail(history)))
 
 
 def test_chatglm_tail():
-    assert PromptFormat("chatglm").tail() == ""  # raw query: nothing follows it
-    assert PromptFormat("chatglm").tail(HISTORY_1) == "\n答："
-    assert PromptFormat("raw").tail() == ""
+    assert PromptFormat("chatglm").tail() == []  # raw query: nothing follows it
+    assert PromptFormat("chatglm").tail(HISTORY_1) == ["\n答："]
+    assert PromptFormat("raw").tail() == []
 
 
 def test_chat_template_tail_is_the_text_after_the_query(chat_tokenizer):
@@ -166,7 +166,24 @@ def test_chat_template_tail_is_the_text_after_the_query(chat_tokenizer):
     generation_prompt = with_cue[len(without_cue):]
     assert generation_prompt == "<|assistant|>\n"
     for history in (None, HISTORY_2):
-        tail = fmt.tail(history)
+        tail = "".join(fmt.tail(history))
         assert tail == "\n<|assistant|>\n"  # end of the user turn + the generation prompt
         assert tail.endswith(generation_prompt)
         assert fmt.render("q", history).endswith("q" + tail)
+
+
+# ----------------------------------------------------------------------------- chatglm3 (role tokens)
+
+
+def test_chatglm3_segments_are_role_tokens_and_separately_tokenized_texts():
+    fmt = PromptFormat("chatglm3", source_prefix="PFX")
+    segments = fmt.segments("q", HISTORY_1)
+    assert segments == ["[gMASK]", "sop", "<|user|>", "\n", "q1", "<|assistant|>", "\n", "a1",
+                        "<|user|>", "\n", "PFXq", "<|assistant|>"]
+    assert [isinstance(s, Special) for s in segments] == [True, True, True, False, False, True, False, False,
+                                                          True, False, False, True]
+    assert fmt.tail(HISTORY_1) == ["<|assistant|>"] and isinstance(fmt.tail()[0], Special)
+    assert fmt.answer_segments("a") == ["\n", "a"]
+    assert fmt.stop_tokens() == ("<|user|>", "<|observation|>")
+    assert not fmt.framed and PromptFormat("chatglm2").framed
+
