@@ -234,6 +234,14 @@ def test_user_added_tokens_get_new_ids_and_stay_whole():
     assert tok.convert_tokens_to_ids("<extra>") == 130344 and len(tok) == 130345
     ids = tok.encode("你好<extra>再见", add_special_tokens=False)
     assert 130344 in ids and tok.decode(ids) == "你好 <extra> 再见"  # 4.33 joined added tokens with spaces
+    assert tok.add_tokens(["你好"]) == 0 and tok.tokenize("你好吗") == tok.tokenize("你好吗", split_special_tokens=True)
+
+
+def test_v1_image_token_offset():
+    """The original code shifts text ids by num_image_tokens (0 in the final release's tokenizer_config.json)."""
+    tok = ChatGLMTokenizer(str(TOKENIZERS / "chatglm-6b" / "ice_text.model"), num_image_tokens=20000)
+    assert tok.encode("你好", add_special_tokens=False) == [20005, 94874] and tok.vocab_size == 150344
+    assert (tok.convert_ids_to_tokens(5), tok.convert_tokens_to_ids("<image_7>"), tok.gmask_token_id) == ("<image_5>", 7, 150001)
 
 
 @pytest.mark.parametrize("name, cls", [("chatglm-6b", ChatGLMTokenizer), ("chatglm2-6b", ChatGLM2Tokenizer),

@@ -81,6 +81,7 @@ class _ChatGLMTokenizerBase(PreTrainedTokenizer):
             self.sp = spm.SentencePieceProcessor(model_file=vocab_file)
         except (RuntimeError, OSError) as error:
             raise GlmtuneError(f"{vocab_file}: not a SentencePiece model ({str(error).splitlines()[0]})") from None
+        self._pieces = self.sp.vocab_size()  # asked per token: kept as an int
         self._vocab = None
         self._loading = True
         self._after_load()
@@ -110,9 +111,11 @@ class _ChatGLMTokenizerBase(PreTrainedTokenizer):
         return None if index == self._convert_token_to_id("<unk>") and token != "<unk>" else index
 
     def _add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
-        """Tokens the user adds: new ones get ids after the vocabulary; all are then never split in text.
-        (During __init__ transformers registers the named special tokens here; ours are in the vocabulary
-        and which of them text may spell is the originals' rule, ``_legacy_protected``.)"""
+        """Tokens the user adds, with 4.33's bookkeeping: new ones get ids after the vocabulary and, like special
+        tokens already in it, are never split in text (the whitespace around them goes as their AddedToken
+        lstrip/rstrip say: today's rule, the originals added none). During __init__ transformers registers
+        the named special tokens here; ours are in the vocabulary, and which of them text may spell is the
+        originals' rule, ``_legacy_protected``."""
         if self._loading:
             return 0
         added = 0
@@ -122,6 +125,8 @@ class _ChatGLMTokenizerBase(PreTrainedTokenizer):
             if not token.content or token.content in self._added_tokens_encoder:
                 continue
             known = self._known_id(token.content)
+            if known is not None and not token.special:
+                continue  # an ordinary piece of the vocabulary: 4.33 left it alone
             index = known if known is not None else len(self)
             added += known is None
             if token.special and token.content not in self.all_special_tokens:
@@ -165,13 +170,14 @@ class _ChatGLMTokenizerBase(PreTrainedTokenizer):
         themselves, joined by spaces."""
         ids = [token_ids] if isinstance(token_ids, int) else [int(i) for i in token_ids]
         skipped = self._skipped_ids() if skip_special_tokens else set()
+        added = {i: t for i, t in self._added_tokens_decoder.items() if i >= self.vocab_size}
         texts, run = [], []
         for index in ids:
             if index in skipped:
                 continue
-            if index >= self.vocab_size and index in self._added_tokens_decoder:
+            if index in added:
                 texts += [self.convert_tokens_to_string(run)] if run else []
-                texts.append(self._added_tokens_decoder[index].content)
+                texts.append(added[index].content)
                 run = []
             else:
                 run.append(self._convert_id_to_token(index))
@@ -269,12 +275,12 @@ class ChatGLMTokenizer(_ChatGLMTokenizerBase):
     version = "v1"
     vocab_files_names = {"vocab_file": "ice_text.model"}
     _legacy_protected = ("<sop>", "<eop>", "<unk>", "<pad>", "[MASK]")  # bos, eos, unk, pad, mask
+    MAX_BLANK = 80  # the longest space run with its own <|blank_n|> piece
 
     def __init__(self, vocab_file, do_lower_case=False, remove_space=False, bos_token="<sop>", eos_token="<eop>",
                  end_token="</s>", mask_token="[MASK]", gmask_token="[gMASK]", pad_token="<pad>", unk_token="<unk>",
-                 num_image_tokens=0, max_blank_length=80, clean_up_tokenization_spaces=True, **kwargs):
-        self.do_lower_case, self.remove_space = do_lower_case, remove_space
-        self.num_image_tokens, self.max_blank_length = num_image_tokens, max_blank_length
+                 num_image_tokens=0, clean_up_tokenization_spaces=True, **kwargs):
+        self.do_lower_case, self.remove_space, self.num_image_tokens = do_lower_case, remove_space, num_image_tokens
         self.gmask_token, self.end_token = gmask_token, end_token
         self._legacy_protected = tuple(t for t in (bos_token, eos_token, unk_token, pad_token, mask_token) if t)
         super().__init__(vocab_file, bos_token=bos_token, eos_token=eos_token, mask_token=mask_token,
@@ -283,7 +289,7 @@ class ChatGLMTokenizer(_ChatGLMTokenizerBase):
 
     @property
     def vocab_size(self) -> int:
-        return self.num_image_tokens + self.sp.vocab_size()
+        return self.num_image_tokens + self._pieces
 
     @property
     def gmask_token_id(self):
@@ -299,7 +305,7 @@ class ChatGLMTokenizer(_ChatGLMTokenizerBase):
         if self.do_lower_case:
             text = text.lower()
         text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
-        for length in range(self.max_blank_length, 1, -1):  # longest runs first
+        for length in range(self.MAX_BLANK, 1, -1):  # longest runs first
             text = text.replace(" " * length, f"<|blank_{length}|>")
         return text
 
@@ -315,17 +321,17 @@ class ChatGLMTokenizer(_ChatGLMTokenizerBase):
         if index < self.num_image_tokens:
             return f"<image_{index}>"
         index -= self.num_image_tokens
-        return self.sp.IdToPiece(index) if 0 <= index < self.sp.vocab_size() else ""
+        return self.sp.IdToPiece(index) if 0 <= index < self._pieces else ""
 
     def convert_tokens_to_string(self, tokens) -> str:
         text = self.sp.DecodePieces(list(tokens)).replace("<n>", "\n").replace("<|tab|>", "\t")
-        for length in range(2, self.max_blank_length + 1):
+        for length in range(2, self.MAX_BLANK + 1):
             text = text.replace(f"<|blank_{length}|>", " " * length)
         return text
 
     def _decode(self, token_ids, **kwargs) -> str:
-        ids = [token_ids] if isinstance(token_ids, int) else [int(i) for i in token_ids]
-        return super()._decode([i for i in ids if i != self.pad_token_id], **kwargs) if ids else ""
+        ids, pad = ([token_ids] if isinstance(token_ids, int) else [int(i) for i in token_ids]), self.pad_token_id
+        return super()._decode([i for i in ids if i != pad], **kwargs) if ids else ""
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         """``a [gMASK] <sop>``; a pair: ``a [gMASK] <sop> b <eop>``."""
@@ -379,9 +385,11 @@ class ChatGLM2Tokenizer(_ChatGLMTokenizerBase):
 
     def _after_load(self):
         """The special tokens take the ids after the SentencePiece pieces, in order."""
-        base = self.sp.vocab_size()
-        self.special_token_ids = {token: base + i for i, token in enumerate(self._special_tokens())}
+        self.special_token_ids = {token: self._pieces + i for i, token in enumerate(self._special_tokens())}
         self._special_names = {i: token for token, i in self.special_token_ids.items()}
+        self._commands = {"<bos>": self.sp.bos_id(), "<eos>": self.sp.eos_id(), "<pad>": self.sp.unk_id(),
+                          **self.special_token_ids}
+        self._blank_ids = {self.sp.eos_id(), self.sp.bos_id(), self.sp.unk_id(), *self._special_names}
 
     def _special_tokens(self) -> tuple:
         return self.SPECIAL_TOKENS
@@ -393,14 +401,13 @@ class ChatGLM2Tokenizer(_ChatGLMTokenizerBase):
 
     @property
     def vocab_size(self) -> int:
-        return self.sp.vocab_size() + len(self.special_token_ids)
+        return self._pieces + len(self.special_token_ids)
 
     def get_command(self, token: str) -> int:
         """The id of ``<bos>``, ``<eos>``, ``<pad>`` (= unk, 0) or a special token, as the original's."""
-        commands = {"<bos>": self.sp.bos_id(), "<eos>": self.sp.eos_id(), "<pad>": self.sp.unk_id(), **self.special_token_ids}
-        if token not in commands:
+        if token not in self._commands:
             raise KeyError(f"{token} is not a special token for GLMTokenizer")
-        return commands[token]
+        return self._commands[token]
 
     def _tokenize(self, text, **kwargs):
         return self.sp.EncodeAsPieces(text)
@@ -409,9 +416,7 @@ class ChatGLM2Tokenizer(_ChatGLMTokenizerBase):
         return self.special_token_ids[token] if token in self.special_token_ids else self.sp.PieceToId(token)
 
     def _convert_id_to_token(self, index):
-        if index in self._special_names or index in (self.sp.eos_id(), self.sp.bos_id(), self.sp.unk_id()):
-            return ""
-        return self.sp.IdToPiece(index) if 0 <= index < self.sp.vocab_size() else ""
+        return "" if index in self._blank_ids or not 0 <= index < self._pieces else self.sp.IdToPiece(index)
 
     def convert_tokens_to_string(self, tokens) -> str:
         return self.sp.DecodePieces(list(tokens))
