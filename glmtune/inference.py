@@ -15,6 +15,7 @@ from glmtune.adapters import PREFIX_CONFIG, add_lora, add_prefix_encoder, is_pre
 from glmtune.arguments import LoraArguments, ModelArguments, PtuningArguments
 from glmtune.data import Encoder
 from glmtune.errors import GlmtuneError
+from glmtune.metrics import blank_stop_tokens
 from glmtune.model import load_base_model, load_tokenizer
 from glmtune.prompt import PromptFormat
 
@@ -47,12 +48,14 @@ class TunedModel:
         with torch.no_grad():
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                          **self._generate_kwargs(generate_kwargs))
-        return [text.strip() for text in self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+        ids = self.prompt_format.generation_ids()
+        new_tokens = blank_stop_tokens(output[:, width:], ids["eos_token_id"], ids["pad_token_id"])
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
     def stream(self, query: str, history=None, **generate_kwargs):
         """Yield the answer's text as it is generated."""
         ids = torch.tensor([self.encode(query, history)], device=self.model.device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = AnswerStreamer(self.tokenizer, self.prompt_format.generation_ids())
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                       **self._generate_kwargs(generate_kwargs))
         thread = threading.Thread(target=self._generate_quietly, kwargs=kwargs, daemon=True)
@@ -70,6 +73,19 @@ class TunedModel:
         if not kwargs.get("do_sample"):
             kwargs.pop("top_p", None), kwargs.pop("temperature", None)
         return kwargs
+
+
+class AnswerStreamer(TextIteratorStreamer):
+    """The answer's text as it is generated, without the prompt and without stop tokens (see blank_stop_tokens)."""
+
+    def __init__(self, tokenizer, generation_ids: dict):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.generation_ids = generation_ids
+
+    def put(self, value):
+        if not self.next_tokens_are_prompt:
+            value = blank_stop_tokens(value, self.generation_ids["eos_token_id"], self.generation_ids["pad_token_id"])
+        super().put(value)
 
 
 def checkpoint_method(checkpoint) -> str:

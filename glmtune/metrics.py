@@ -98,6 +98,18 @@ def decode_texts(tokenizer: Any, ids: Iterable[Iterable[int]]) -> list[str]:
     return [text.strip() for text in texts]
 
 
+def blank_stop_tokens(ids, eos_token_id, pad_token_id):
+    """Generated ids with every stop token (``generate()``'s eos id or ids) replaced by padding.
+
+    Why: tokenizers do not all drop every stop token when decoding with ``skip_special_tokens`` (ChatGLM3's
+    keeps ``<|user|>`` as text, as the original did), and a stop token is never part of the answer.
+    """
+    import torch
+
+    stops = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], device=ids.device)
+    return ids.masked_fill(torch.isin(ids, stops), pad_token_id)
+
+
 class ComputeMetrics:
     """``compute_metrics`` callable for HF ``Seq2SeqTrainer`` with ``predict_with_generate``.
 

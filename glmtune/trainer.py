@@ -16,12 +16,13 @@ import shutil
 
 import torch
 from transformers import Seq2SeqTrainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from glmtune.adapters import is_prefix_tuned, load_prefix_weights, save_prefix_checkpoint
 from glmtune.loss import TargetTokenLoss
-from glmtune.metrics import decode_texts
+from glmtune.metrics import blank_stop_tokens, decode_texts
 
 PREDICTIONS_FILE = "generated_predictions.txt"
 
@@ -32,7 +33,13 @@ class GlmtuneTrainer(Seq2SeqTrainer):
         self.eval_collator = eval_collator or self.data_collator
         self.generate_kwargs = generate_kwargs or {}
         causal_lm = _causal_lm(self.model)
-        self.target_loss = TargetTokenLoss(causal_lm) if target_token_loss and TargetTokenLoss.supports(causal_lm) else None
+        # ZeRO-3 gathers a weight only inside its module's forward; the target-token loss reads the output
+        # head's weight after the model's forward, so under ZeRO-3 transformers' own loss is used.
+        zero3 = is_deepspeed_zero3_enabled()
+        use_target_loss = target_token_loss and TargetTokenLoss.supports(causal_lm) and not zero3
+        self.target_loss = TargetTokenLoss(causal_lm) if use_target_loss else None
+        if zero3 and is_prefix_tuned(self.model):
+            _gather_prefix_embedding_in_forward(self.model.prefix_encoder)
 
     # ------------------------------------------------------------------ loss
 
@@ -78,6 +85,18 @@ class GlmtuneTrainer(Seq2SeqTrainer):
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if not (self.is_deepspeed_enabled and is_prefix_tuned(model)):
+            return super().save_model(output_dir, _internal_call)
+        # Trainer would gather the whole model's state dict under DeepSpeed (all of the frozen base, to keep
+        # a prefix of a few MB); ZeRO-3 partitions the prefix encoder too, so gather only its weights.
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.prefix_encoder.parameters())):
+            if self.args.should_save:
+                self._save(output_dir)
+
     def _save_checkpoint(self, model, trial) -> None:
         # Why: a run killed mid-save left a partial checkpoint-N, and --resume_from_checkpoint last
         # (get_last_checkpoint) resumed from it. So every file of step N is written to tmp-checkpoint-N
@@ -91,23 +110,24 @@ class GlmtuneTrainer(Seq2SeqTrainer):
         if self.args.should_save:
             for leftover in glob.glob(os.path.join(run_dir, f"tmp-{PREFIX_CHECKPOINT_DIR}-*")):
                 shutil.rmtree(leftover, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
+        # Several processes: every rank writes its own files into the folder (rng_state_{rank}.pth, DeepSpeed's
+        # shards), only the main process renames it, and no rank goes on before it is renamed.
+        self.accelerator.wait_for_everyone()  # the leftovers are gone before anyone writes
         self._staging_dir = staging
         try:
             super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N (its rotation sees only that one)
         finally:
             self._staging_dir = None
-        self.accelerator.wait_for_everyone()
-        if not self.args.should_save:
-            return
+        self.accelerator.wait_for_everyone()  # every rank's files are complete
         if self.state.best_model_checkpoint == os.path.join(staging, name):  # found under staging: name its home
-            self.state.best_model_checkpoint = final
-            self.state.save_to_json(os.path.join(staging, name, TRAINER_STATE_NAME))
-        if os.path.isdir(final):  # the same step saved again (resumed from an older checkpoint): replace it
-            shutil.rmtree(final)
-        os.replace(os.path.join(staging, name), final)
-        shutil.rmtree(staging, ignore_errors=True)
-        rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+            self.state.best_model_checkpoint = final  # on every rank: each loads the best model at the end
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staging, name, TRAINER_STATE_NAME))
+        if self.args.should_save:
+            _publish(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()  # every rank sees checkpoint-N, not tmp-checkpoint-N
 
     def _get_output_dir(self, trial) -> str:
         staging = getattr(self, "_staging_dir", None)
@@ -135,12 +155,16 @@ class GlmtuneTrainer(Seq2SeqTrainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         inputs = self._prepare_inputs(inputs)
         prompt = inputs["input_ids"]
+        # ZeRO-3: every rank takes part in each forward, so all keep generating until the longest is done.
+        gen_kwargs.setdefault("synced_gpus", is_deepspeed_zero3_enabled())
         # Compiled layers (--compile_layers) are compiled for training; the KV cache would recompile them per layer.
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             generated = self.model.generate(
                 input_ids=prompt, attention_mask=inputs["attention_mask"], **{**self.generate_kwargs, **gen_kwargs}
             )
-        return None, generated[:, prompt.shape[1]:], inputs.get("labels")
+        kwargs = self.generate_kwargs
+        new_tokens = blank_stop_tokens(generated[:, prompt.shape[1]:], kwargs["eos_token_id"], kwargs["pad_token_id"])
+        return None, new_tokens, inputs.get("labels")
 
     def save_predictions(self, prediction_output, output_dir: str | None = None) -> str:
         """Write ``generated_predictions.txt``: one ``{"labels", "predict"}`` JSON per input row, in order."""
@@ -155,6 +179,21 @@ class GlmtuneTrainer(Seq2SeqTrainer):
                 f.write(json.dumps({"labels": label, "predict": prediction}, ensure_ascii=False) + "\n")
         os.replace(path + ".tmp", path)  # a reader never sees a half-written file
         return path
+
+
+def _publish(complete: str, final: str) -> None:
+    """Rename a complete checkpoint folder to its final name (replacing an older save of the same step)."""
+    if os.path.isdir(final):  # the same step saved again (resumed from an older checkpoint)
+        shutil.rmtree(final)
+    os.replace(complete, final)
+
+
+def _gather_prefix_embedding_in_forward(encoder) -> None:
+    """ZeRO-3 partitions every weight and gathers a module's own weights for its forward; the prefix
+    encoder reads its embedding's weight without calling the embedding, so it must gather that one too."""
+    import deepspeed
+
+    deepspeed.zero.register_external_parameter(encoder, encoder.embedding.weight)
 
 
 def _causal_lm(model):
