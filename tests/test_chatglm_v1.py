@@ -106,6 +106,19 @@ def test_glmtune_collator_inputs_give_the_golden_loss(variant):
     torch.testing.assert_close(output.loss, golden["loss"][0], atol=1e-5, rtol=0)
 
 
+def test_target_token_loss_gives_the_golden_loss():
+    """glmtune's loss: decoder output captured by a hook, head applied only at answer positions."""
+    from glmtune.loss import TargetTokenLoss
+
+    golden = load_file(train_file("ptuning_proj_true"))
+    model = load_model("ptuning_proj_true")
+    assert TargetTokenLoss.supports(model)
+    loss = TargetTokenLoss(model)
+    with torch.no_grad(), loss.capture():
+        model(input_ids=golden["input_ids"], attention_mask=(golden["input_ids"] != PAD).long(), logits_to_keep=1)
+    torch.testing.assert_close(loss(golden["labels"]), golden["loss"][0], atol=1e-5, rtol=0)
+
+
 def test_padding_mask_derivation_matches_the_original_tokenizer():
     """From a left-padded batch's 2-D mask we build exactly the 4-D mask and positions the v1 tokenizer builds."""
     inputs = json.loads((V1 / "generate.json").read_text())["inputs"]

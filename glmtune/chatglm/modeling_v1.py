@@ -10,7 +10,9 @@ Parity with THUDM's ``modeling_chatglm.py`` (final revision) is checked against 
 * a prefix-LM mask: bidirectional over the context before ``<sop>``, causal from ``<sop>`` on;
 * post-LN-style residuals ``LN(x) * alpha + f(LN(x))`` with alpha = sqrt(2 * 28) whatever the depth (the
   original's GLMBlock keeps its own default of 28 layers);
-* the tanh GELU of the original, written out as it wrote it.
+* the original's GELU, ``0.5x(1 + tanh(0.79788456(x + 0.044715x^3)))``: torch's tanh-approximate GELU, which
+  computes it in one kernel and keeps one tensor for backward (the formula written out keeps seven); the
+  two differ by float rounding (5e-7 in float32).
 
 Inputs: ``position_ids`` of shape [batch, 2, length] and 4-D masks (bool, True = masked, as the original
 tokenizer builds them; or float, additive) are used as given. Otherwise (glmtune's collator: a 2-D padding
@@ -171,11 +173,6 @@ def _rotate_halves(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-a2, a1, -b2, b1), dim=-1)
 
 
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """The original's tanh GELU, term for term (F.gelu(approximate="tanh") rounds differently)."""
-    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
-
-
 def eager_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Plain softmax attention with an additive float mask (softmax in float32, as the original)."""
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
@@ -221,7 +218,7 @@ class ChatGLMMLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(inner, config.hidden_size)
 
     def forward(self, hidden_states):
-        return self.dense_4h_to_h(gelu(self.dense_h_to_4h(hidden_states)))
+        return self.dense_4h_to_h(nn.functional.gelu(self.dense_h_to_4h(hidden_states), approximate="tanh"))
 
 
 class GLMBlock(GradientCheckpointingLayer):
@@ -362,12 +359,13 @@ class ChatGLMForCausalLM(ChatGLMPreTrainedModel, GenerationMixin):
         mask = model_kwargs.get("attention_mask")
         return glm_position_ids(inputs_tensor, mask if mask is not None and mask.dim() == 2 else None, self.config)
 
-    def prepare_inputs_for_generation(self, input_ids, *args, attention_mask=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
         positions = kwargs.get("position_ids")
         if positions is None or positions.dim() != 3:  # e.g. a collator's 1-D positions: derive v1's own
-            padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-            kwargs["position_ids"] = glm_position_ids(input_ids, padding, self.config)
-        return super().prepare_inputs_for_generation(input_ids, *args, attention_mask=attention_mask, **kwargs)
+            mask = kwargs.get("attention_mask")
+            kwargs["position_ids"] = glm_position_ids(input_ids, mask if mask is not None and mask.dim() == 2 else None,
+                                                      self.config)
+        return super().prepare_inputs_for_generation(input_ids, **kwargs)
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
                                             num_new_tokens=1):
