@@ -238,6 +238,9 @@ def test_config_answers_standard_names_and_refuses_unsupported_layout():
     config.multi_query_attention = False
     with pytest.raises(GlmtuneError, match="multi_query_attention"):
         ChatGLM2ForCausalLM(config)
+    config.multi_query_attention, config.quantization_bit = True, 4  # THUDM's chatglm2-6b-int4 folders
+    with pytest.raises(GlmtuneError, match="quantization_bit 4"):
+        ChatGLM2ForCausalLM(config)
 
 
 def test_output_head_kept_out_of_quantization_and_lora_targets_exist():

@@ -163,6 +163,11 @@ class ChatGLM2Attention(nn.Module):
         if not config.multi_query_attention:
             # Its per-head interleaved q/k/v layout is not covered by any golden; every released v2/v3 uses MQA.
             raise GlmtuneError("ChatGLM2/3 config.json: multi_query_attention false is not supported")
+        if config.quantization_bit:  # chatglm2-6b-int4 & co. store packed weights for THUDM's own kernels
+            raise GlmtuneError(
+                f"config.json: quantization_bit {config.quantization_bit} (THUDM's own int4/int8 checkpoints) is not "
+                "supported; load the fp16 checkpoint and use --quantization_bit (bitsandbytes) instead"
+            )
         self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
