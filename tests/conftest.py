@@ -90,3 +90,28 @@ def demo_model_dir() -> Path:
 def demo_ptuning_checkpoint(tmp_path_factory, demo_model_dir) -> Path:
     """A P-Tuning v2 checkpoint (pre_seq_len 4) trained 2 steps on the embedded default model."""
     return _train_checkpoint(tmp_path_factory, demo_model_dir, "ptuning", ["--pre_seq_len", "4", "--learning_rate", "1e-2"])
+
+
+# ----------------------------------------------------------------------------- original ChatGLM folders
+
+# version -> (golden config folder, golden weights folder, tokenizer folder); v3 reuses v2's weights (golden README)
+CHATGLM_FOLDERS = {
+    "v1": ("chatglm-v1", "chatglm-v1", "chatglm-6b"),
+    "v2": ("chatglm-v2", "chatglm-v2", "chatglm2-6b"),
+    "v3": ("chatglm-v3", "chatglm-v2", "chatglm3-6b"),
+}
+
+
+def chatglm_folder(version: str, out: Path) -> str:
+    """A tiny golden ChatGLM model as THUDM ships a folder: original config.json, weights under the original
+    keys, the real tokenizer files (from ../shared; nothing is copied into the repository)."""
+    import shutil
+
+    config_dir, weights_dir, tokenizer_dir = CHATGLM_FOLDERS[version]
+    out.mkdir()
+    shutil.copy(GOLDEN / config_dir / "config.json", out / "config.json")
+    shutil.copy(GOLDEN / weights_dir / "model.safetensors", out / "model.safetensors")
+    for file in (SHARED / "tokenizers" / tokenizer_dir).iterdir():
+        shutil.copy(file, out / file.name)
+    return str(out)
+

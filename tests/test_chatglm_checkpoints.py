@@ -6,27 +6,13 @@ the original code's (golden ``forward_infer_ptuning_*_lastpos``). glmtune's own 
 bases carry the same file with the same keys, so the ancestors' loaders read them.
 """
 
-import shutil
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import GOLDEN, SHARED
+from conftest import GOLDEN, chatglm_folder
 
 pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason="needs ../shared/golden (the ChatGLM parity material)")
-
-TOKENIZERS = {"v1": "chatglm-6b", "v2": "chatglm2-6b"}
-
-
-def model_folder(version: str, out) -> str:
-    out.mkdir()
-    shutil.copy(GOLDEN / f"chatglm-{version}" / "config.json", out / "config.json")
-    shutil.copy(GOLDEN / f"chatglm-{version}" / "model.safetensors", out / "model.safetensors")
-    for file in (SHARED / "tokenizers" / TOKENIZERS[version]).iterdir():
-        shutil.copy(file, out / file.name)
-    return str(out)
-
 
 def ancestors_checkpoint(version: str, projection: str, out) -> str:
     """What ChatGLM's ptuning trainer wrote: pytorch_model.bin with only the trainable prefix tensors."""
@@ -42,7 +28,7 @@ def ancestors_checkpoint(version: str, projection: str, out) -> str:
 def test_ancestors_checkpoint_gives_the_original_logits(version, projection, tmp_path):
     from glmtune.inference import load_tuned
 
-    tuned = load_tuned(model_folder(version, tmp_path / "model"), ancestors_checkpoint(version, projection, tmp_path / "ckpt"),
+    tuned = load_tuned(chatglm_folder(version, tmp_path / "model"), ancestors_checkpoint(version, projection, tmp_path / "ckpt"),
                        torch_dtype="float32")
     assert tuned.method == "ptuning"
     config = tuned.model.prefix_encoder.glmtune_config
@@ -64,7 +50,7 @@ def test_glmtune_checkpoint_of_a_chatglm_base_carries_the_ancestors_file(tmp_pat
     from glmtune.arguments import ModelArguments, PtuningArguments
     from glmtune.model import load_base_model
 
-    model = load_base_model(ModelArguments(model_name_or_path=model_folder("v2", tmp_path / "model"), torch_dtype="float32"))
+    model = load_base_model(ModelArguments(model_name_or_path=chatglm_folder("v2", tmp_path / "model"), torch_dtype="float32"))
     model = add_prefix_encoder(model, PtuningArguments(pre_seq_len=4, prefix_projection=True))
     save_prefix_checkpoint(model, str(tmp_path / "ckpt"))
     saved = torch.load(tmp_path / "ckpt" / "pytorch_model.bin", weights_only=True)
@@ -80,4 +66,4 @@ def test_ancestors_checkpoint_from_another_base_is_refused(tmp_path):
 
     checkpoint = ancestors_checkpoint("v1", "false", tmp_path / "ckpt")  # v1 width 128 into a v2 base (64)
     with pytest.raises(GlmtuneError, match="different base model"):
-        load_tuned(model_folder("v2", tmp_path / "model"), checkpoint, torch_dtype="float32")
+        load_tuned(chatglm_folder("v2", tmp_path / "model"), checkpoint, torch_dtype="float32")

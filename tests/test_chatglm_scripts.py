@@ -14,31 +14,14 @@ import subprocess
 
 import pytest
 
-from conftest import GOLDEN, REPO, SHARED, TOY_DEV, TOY_TRAIN
+from conftest import GOLDEN, REPO, TOY_DEV, TOY_TRAIN, chatglm_folder
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not GOLDEN.is_dir(), reason="needs ../shared/golden (the ChatGLM parity material)"),
 ]
 
-# version -> (golden config folder, golden weights folder, tokenizer folder); v3 reuses v2's weights (golden README)
-FOLDERS = {
-    "v1": ("chatglm-v1", "chatglm-v1", "chatglm-6b"),
-    "v2": ("chatglm-v2", "chatglm-v2", "chatglm2-6b"),
-    "v3": ("chatglm-v3", "chatglm-v2", "chatglm3-6b"),
-}
 TRAIN_ROWS, TEST_ROWS = 16, 6
-
-
-def original_folder(version: str, out) -> str:
-    """A model folder as THUDM ships it: original config.json, weights under the original keys, tokenizer files."""
-    config_dir, weights_dir, tokenizer_dir = FOLDERS[version]
-    out.mkdir()
-    shutil.copy(GOLDEN / config_dir / "config.json", out / "config.json")
-    shutil.copy(GOLDEN / weights_dir / "model.safetensors", out / "model.safetensors")
-    for file in (SHARED / "tokenizers" / tokenizer_dir).iterdir():
-        shutil.copy(file, out / file.name)
-    return str(out)
 
 
 def head(path, rows: int, out):
@@ -62,7 +45,7 @@ def predictions(folder) -> list:
 def test_original_folder_trains_evaluates_and_reloads(version, method, tmp_path):
     from glmtune.inference import load_tuned
 
-    model = original_folder(version, tmp_path / "model")
+    model = chatglm_folder(version, tmp_path / "model")
     test_file = head(TOY_DEV, TEST_ROWS, tmp_path / "test.json")
     common = dict(MODEL=model, MAX_SOURCE_LENGTH="32", MAX_TARGET_LENGTH="8", PRE_SEQ_LEN="4")
     bash(f"{method}/train.sh", **common, TRAIN_FILE=head(TOY_TRAIN, TRAIN_ROWS, tmp_path / "train.json"),

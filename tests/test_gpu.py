@@ -7,6 +7,8 @@ from glmtune.adapters import add_lora, add_prefix_encoder
 from glmtune.arguments import LoraArguments, ModelArguments, PtuningArguments
 from glmtune.model import load_base_model
 
+from conftest import GOLDEN, chatglm_folder
+
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
@@ -54,3 +56,36 @@ def test_quantized_prefix_batched_generation_matches_single(tiny_model_dir, toke
     for row, prompt in enumerate(prompts):
         alone = tokenizer([prompt], return_tensors="pt").to("cuda")
         assert model.generate(**alone, **kwargs)[0, alone["input_ids"].shape[1]:].tolist() == batched[row].tolist()
+
+
+@pytest.mark.skipif(not GOLDEN.is_dir(), reason="needs ../shared/golden (the ChatGLM parity material)")
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("method", ["ptuning", "lora"])
+def test_original_chatglm_on_quantized_base_trains_and_generates(version, bits, method, tmp_path):
+    from glmtune.model import load_tokenizer
+
+    args = ModelArguments(model_name_or_path=chatglm_folder(version, tmp_path / "model"), quantization_bit=bits)
+    tokenizer = load_tokenizer(args)
+    model = load_base_model(args)
+    head = model.get_output_embeddings()
+    assert type(head) is torch.nn.Linear  # the output head stays unquantized
+    if method == "ptuning":
+        model = add_prefix_encoder(model, PtuningArguments(pre_seq_len=4, prefix_projection=True))
+    else:
+        model = add_lora(model, LoraArguments(lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_target="all"))
+    from glmtune.data import Collator  # ChatGLM tokenizers only pad on the left, as the originals did
+
+    rows = [tokenizer.encode(text) for text in ("类型#裙*颜色#白色", "类型#上衣*风格#简约*图案#刺绣")]
+    batch = Collator(tokenizer.pad_token_id, "right")([{"input_ids": ids, "labels": ids} for ids in rows])
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    loss = model(**{k: v.to("cuda") for k, v in batch.items()}).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained and all(("prefix_encoder." in n) if method == "ptuning" else ("lora_" in n) for n in trained)
+    model.eval()
+    prompt = tokenizer(["类型#裙*颜色#蓝色"], return_tensors="pt").to("cuda")
+    out = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 4 or tokenizer.eos_token_id in out[0].tolist()
