@@ -3,6 +3,7 @@
     python scripts/benchmark.py                 # ChatGLM3-6B-shaped GLM, random weights, all rows (H100: ~10 min)
     python scripts/benchmark.py --rows train    # or: eval, or a comma list of row names (see ROWS)
     python scripts/benchmark.py --tiny          # a 2-layer model, to check the script itself (CPU works)
+    python scripts/benchmark.py --rows pt-bf16-throughput+compile --batches 8,16 --profile out/   # micro-batch search, kernel table
 
 Both sides run the same model folder, the same synthetic samples and the same step counts, in one
 process, one row after another. glmtune's side is its real code path (load_base_model,
@@ -11,6 +12,8 @@ transformers + PEFT: PrefixTuningConfig / LoraConfig, Trainer defaults, every sa
 maximum length, prepare_model_for_kbit_training for 8/4-bit bases. PEFT's prefix tuning refuses gradient
 checkpointing, so its rows run without it. MFU counts 4 x (parameters outside the input embedding)
 FLOP per real (non-padding) token, against 800 TFLOP/s (H100 bf16 dense); recomputation is not counted.
+Tokens are counted in the batches the timed steps actually trained on (the Trainer shuffles). Every row
+draws its adapter initialisation from the same seed, so rows of one method end at comparable losses.
 """
 
 import argparse
@@ -20,6 +23,7 @@ import os
 import random
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +76,7 @@ class Result:
     peak_gib: float
     mfu: float
     loss: float
+    losses: list = None
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -122,15 +127,89 @@ def flops_per_token(folder: str) -> float:
 
 
 class StepTimer(TrainerCallback):
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.end = warmup, None, None
+    """Times steps warmup+1 .. warmup+steps; with ``profile_to``, profiles two more steps after them."""
+
+    def __init__(self, warmup: int, steps: int, profile_to: str | None = None, name: str = ""):
+        self.warmup, self.last, self.start, self.end = warmup, warmup + steps, None, None
+        self.profile_to, self.name, self.profiler = profile_to, name, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.profile_to and state.global_step == self.last:
+            self.profiler = torch.profiler.profile(activities=_profiled_activities())
+            self.profiler.start()
+            self.profile_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if state.global_step == self.warmup:
             self.start = time.perf_counter()
-        self.end = time.perf_counter()
+        if state.global_step <= self.last:
+            self.end = time.perf_counter()
+        if self.profiler is not None and state.global_step == self.last + PROFILED_STEPS:
+            self.profiler.stop()
+            write_profile(self.profiler, time.perf_counter() - self.profile_start, self.profile_to, self.name)
+            self.profiler = None
+
+
+class TokenCounter:
+    """Wraps a collator and records the real (attention-mask) tokens of every batch it builds, in order."""
+
+    def __init__(self, collate):
+        self.collate, self.tokens, self.samples = collate, [], []
+
+    def __call__(self, features):
+        batch = self.collate(features)
+        self.tokens.append(int(batch["attention_mask"].sum()))
+        self.samples.append(len(features))
+        return batch
+
+
+PROFILED_STEPS = 2
+
+
+def _profiled_activities() -> list:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
+
+
+def write_profile(profiler, wall_s: float, folder: str, name: str) -> None:
+    """The kernel table (by GPU time) and GPU time per kernel family, for PROFILED_STEPS steps."""
+    events = profiler.key_averages()
+    kernels = [e for e in events if _device_us(e) > 0 and str(getattr(e, "device_type", "")).endswith("CUDA")]
+    families = {}
+    for e in kernels:
+        family = _kernel_family(e.key)
+        families[family] = families.get(family, 0.0) + _device_us(e)
+    busy = sum(families.values()) / 1e6
+    lines = [f"{name}: {PROFILED_STEPS} steps, wall {wall_s:.3f} s, GPU kernels {busy:.3f} s ({100 * busy / wall_s:.0f}% busy)"]
+    lines += [f"  {family:<28} {us / 1e3:9.1f} ms  {100 * us / 1e6 / busy:5.1f}%" for family, us in
+              sorted(families.items(), key=lambda item: -item[1])]
+    lines += ["", "top kernels (self GPU time):"]
+    lines += [f"  {_device_us(e) / 1e3:9.2f} ms  {e.count:6d}x  {e.key[:150]}" for e in
+              sorted(kernels, key=_device_us, reverse=True)[:45]]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"profile-{name.replace('+', '_')}.txt"), "w") as f:
+        f.write(text + "\n")
+
+
+def _device_us(event) -> float:
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+def _kernel_family(name: str) -> str:
+    lowered = name.lower()
+    for family, needles in (("attention (flash)", ("flash",)), ("attention (mem-efficient)", ("fmha", "efficient_attention")),
+                            ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
+                            ("triton (compiled)", ("triton",)), ("cross-entropy / softmax", ("softmax", "nll", "log_softmax")),
+                            ("copy / cast", ("copy", "cast", "cat", "fill")), ("optimizer", ("adam", "foreach", "multi_tensor"))):
+        if any(n in lowered for n in needles):
+            return family
+    return "other elementwise / reduction"
 
 
 def training_args(output_dir: str, setting: dict, steps: int, glmtune: bool) -> Seq2SeqTrainingArguments:
@@ -145,19 +224,25 @@ def training_args(output_dir: str, setting: dict, steps: int, glmtune: bool) -> 
     )
 
 
-def measure(trainer, samples: list, setting: dict, warmup: int, steps: int, row, impl, precision, n_flops) -> Result:
-    timer = StepTimer(warmup)
+def measure(trainer, setting: dict, args, row, impl, precision, n_flops) -> Result:
+    timer = StepTimer(args.warmup, args.steps, args.profile if impl == "glmtune" else None, f"{row}-{setting['batch']}")
     trainer.add_callback(timer)
+    counter = trainer.data_collator = TokenCounter(trainer.data_collator)
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     trainer.train()
-    measured = samples[warmup * setting["batch"]:(warmup + steps) * setting["batch"]]
-    tokens = sum(len(s["input_ids"]) for s in measured)
+    timed = slice(args.warmup, args.warmup + args.steps)  # batch i is trained at step i + 1
+    tokens, samples = sum(counter.tokens[timed]), sum(counter.samples[timed])
     seconds = timer.end - timer.start
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     tokens_per_s = tokens / seconds
     return Result(row, impl, precision, f"{setting['batch']}x{setting['source'][1] + setting['target'][1]}",
-                  tokens_per_s, len(measured) / seconds, peak, tokens_per_s * n_flops / PEAK_FLOPS, losses[-1])
+                  tokens_per_s, samples / seconds, peak, tokens_per_s * n_flops / PEAK_FLOPS, losses[args.warmup + args.steps - 1],
+                  losses)
+
+
+def total_steps(args, impl: str) -> int:
+    return args.warmup + args.steps + (PROFILED_STEPS if args.profile and impl == "glmtune" else 0)
 
 
 # ----------------------------------------------------------------------------- the two implementations
@@ -165,16 +250,18 @@ def measure(trainer, samples: list, setting: dict, warmup: int, steps: int, row,
 
 def run_glmtune(folder, row, method, bits, setting, args) -> Result:
     model = load_base_model(ModelArguments(model_name_or_path=folder, quantization_bit=bits, torch_dtype="bfloat16"))
+    torch.manual_seed(0)  # the same adapter initialisation in every row of a method
     if method == "ptuning":
         model = add_prefix_encoder(model, PtuningArguments(pre_seq_len=PRE_SEQ_LEN, prefix_dropout=0.0))
     else:
         model = add_lora(model, LoraArguments(lora_rank=8, lora_alpha=32, lora_dropout=0.0, lora_target="all"))
     if row.endswith("+compile"):
         compile_decoder_layers(model)
-    samples = synthetic_samples((args.warmup + args.steps) * setting["batch"], setting, model.config.vocab_size)
-    trainer = GlmtuneTrainer(model=model, args=training_args(args.scratch, setting, args.warmup + args.steps, True),
+    steps = total_steps(args, "glmtune")
+    samples = synthetic_samples(steps * setting["batch"], setting, model.config.vocab_size)
+    trainer = GlmtuneTrainer(model=model, args=training_args(args.scratch, setting, steps, True),
                              train_dataset=samples, data_collator=Collator(0, "right"))
-    return measure(trainer, samples, setting, args.warmup, args.steps, row, "glmtune", _precision(bits), flops_per_token(folder))
+    return measure(trainer, setting, args, row, "glmtune", _precision(bits), flops_per_token(folder))
 
 
 def run_naive(folder, row, method, bits, setting, args) -> Result:
@@ -195,12 +282,14 @@ def run_naive(folder, row, method, bits, setting, args) -> Result:
         config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PRE_SEQ_LEN)
     else:
         config = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    torch.manual_seed(0)
     model = get_peft_model(model, config)
-    samples = synthetic_samples((args.warmup + args.steps) * setting["batch"], setting, model.config.vocab_size)
+    steps = total_steps(args, "naive")
+    samples = synthetic_samples(steps * setting["batch"], setting, model.config.vocab_size)
     padded = pad_to_max(samples, setting["source"][1] + setting["target"][1])
-    train_args = training_args(args.scratch, {**setting, "checkpointing": False}, args.warmup + args.steps, False)
+    train_args = training_args(args.scratch, {**setting, "checkpointing": False}, steps, False)
     trainer = Trainer(model=model, args=train_args, train_dataset=padded, data_collator=default_data_collator)
-    return measure(trainer, samples, setting, args.warmup, args.steps, row, "naive", _precision(bits), flops_per_token(folder))
+    return measure(trainer, setting, args, row, "naive", _precision(bits), flops_per_token(folder))
 
 
 def _precision(bits) -> str:
@@ -241,18 +330,19 @@ def run_generation(folder, args) -> list:
 
 
 def free_memory() -> None:
+    torch._dynamo.reset()  # each row compiles afresh (from the on-disk cache), not against the last row's guards
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 def print_table(results: list) -> None:
-    naive = {r.row.split("+")[0]: r for r in results if r.impl == "naive"}
+    naive = {(r.row.split("+")[0], r.shape): r for r in results if r.impl == "naive"}
     single = next((r for r in results if r.impl == "one at a time"), None)
     print("\n| row | impl | precision | batch x len | tokens/s | samples/s | peak GiB | MFU | vs naive (speed, memory) | last loss |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        base = naive.get(r.row.split("+")[0]) if r.impl == "glmtune" else (single if r.impl == "glmtune batched" else None)
+        base = naive.get((r.row.split("+")[0], r.shape)) if r.impl == "glmtune" else (single if r.impl == "glmtune batched" else None)
         ratio = f"{r.tokens_per_s / base.tokens_per_s:.2f}x" if base else ""
         if base and r.impl == "glmtune":
             ratio += f", {r.peak_gib / base.peak_gib:.2f}x"
@@ -272,26 +362,33 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=1070, help="ADGEN dev size")
     parser.add_argument("--eval_batch", type=int, default=128)
     parser.add_argument("--single_prompts", type=int, default=16)
+    parser.add_argument("--batches", default="8", help="micro-batch sizes of the throughput rows (a comma list: a search)")
+    parser.add_argument("--profile", default=None, help="folder: profile 2 steps after the timed ones of glmtune rows")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, to check this script")
     parser.add_argument("--json", default=None, help="also write the results as JSON lines here")
     args = parser.parse_args()
     shape = TINY if args.tiny else CHATGLM3_6B
     ensure_model(args.model, shape)
-    wanted = {name for name, *_ in ROWS} if args.rows in ("all", "train") else set(args.rows.split(","))
+    wanted = [name for name, *_ in ROWS] if args.rows in ("all", "train") else args.rows.split(",")  # in this order
     impls = args.impl.split(",")
     results = []
-    for name, method, bits, setting_name in ROWS:
-        if name not in wanted or (bits and not torch.cuda.is_available()):
+    for name, method, bits, setting_name in sorted((r for r in ROWS if r[0] in wanted), key=lambda r: wanted.index(r[0])):
+        if bits and not torch.cuda.is_available():
             continue
-        for impl in impls:
+        batches = [int(b) for b in args.batches.split(",")] if setting_name == "throughput" else [SETTINGS[setting_name]["batch"]]
+        for batch, impl in [(b, i) for b in batches for i in impls]:
             if impl == "naive" and name.endswith("+compile"):
                 continue
             runner = run_glmtune if impl == "glmtune" else run_naive
+            started = time.perf_counter()
             try:
-                results.append(runner(args.model, name, method, bits, SETTINGS[setting_name], args))
+                results.append(runner(args.model, name, method, bits, {**SETTINGS[setting_name], "batch": batch}, args))
+                print(results[-1], f"({time.perf_counter() - started:.0f} s)", flush=True)
             except torch.OutOfMemoryError:
-                print(f"{name} {impl}: out of memory")
-            print(results[-1] if results else "", flush=True)
+                print(f"{name} {impl} micro-batch {batch}: out of memory", flush=True)
+            except Exception:  # one broken row must not cost the others' measurements (GPU time is scarce)
+                traceback.print_exc()
+                print(f"{name} {impl} micro-batch {batch}: failed (traceback above)", flush=True)
             free_memory()
     if args.rows in ("all", "eval"):
         results += run_generation(args.model, args)

@@ -87,3 +87,56 @@ def test_compiled_layers_give_the_same_loss_and_gradients(model, tokenizer):
     torch.testing.assert_close(compiled(**inputs, labels=labels).loss, eager(**inputs, labels=labels).loss)
     torch.testing.assert_close(compiled.prefix_encoder.embedding.weight.grad, eager.prefix_encoder.embedding.weight.grad,
                                atol=1e-6, rtol=1e-5)
+
+
+def train_curve(model, tokenizer, tmp_path, steps=8) -> list:
+    """AdamW steps of GlmtuneTrainer on right-padded batches of two samples; the logged losses."""
+    from transformers import Seq2SeqTrainingArguments
+
+    from glmtune.data import Collator
+    from glmtune.trainer import GlmtuneTrainer
+
+    inputs, labels = batch(tokenizer)
+    samples = [{"input_ids": ids[mask.bool()].tolist(), "labels": lab[mask.bool()].tolist()}
+               for ids, mask, lab in zip(inputs["input_ids"], inputs["attention_mask"], labels)] * steps
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=steps,
+                                    learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
+                                    use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
+                                    label_names=["labels"], seed=5)
+    trainer = GlmtuneTrainer(model=model, args=args, train_dataset=samples,
+                             data_collator=Collator(tokenizer.pad_token_id, "right"))
+    trainer.train()
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fast path's kernels need a CUDA GPU")
+@pytest.mark.parametrize("method", ["ptuning", "lora"])
+def test_bf16_cuda_training_curve_matches_the_previous_path(model, tokenizer, tmp_path, method):
+    """The previous path -- transformers' padding mask (masked SDPA), PEFT's float32 LoRA branch -- against
+    flash attention for right-padded batches and LoRA in bf16: the same curve within bf16 noise."""
+    import copy
+
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from glmtune.fast_lora import lora_in_base_dtype
+    from glmtune.prefix import ATTENTION_NAME, register_attention
+
+    base = model.to("cuda", torch.bfloat16)
+    curves = []
+    try:
+        for fast in (True, False):
+            torch.manual_seed(0)
+            run = adapted(copy.deepcopy(base), method)  # adapters after the copy: the prefix hook holds its model's layers
+            if fast:
+                register_attention()
+                if method == "lora":  # compile_decoder_layers does this for LoRA; P-Tuning v2 has it already
+                    run.get_base_model().set_attn_implementation(ATTENTION_NAME)
+                    assert lora_in_base_dtype(run) == 2 * 6
+            else:
+                AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+            curves.append(train_curve(run, tokenizer, tmp_path / str(fast)))
+    finally:
+        register_attention()
+    assert len(curves[0]) == 8 and curves[0][-1] < curves[0][0]
+    assert curves[0] == pytest.approx(curves[1], rel=2e-2)

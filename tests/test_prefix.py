@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from glmtune.adapters import add_prefix_encoder
 from glmtune.arguments import PtuningArguments
-from glmtune.prefix import prefix_sdpa_attention
+from glmtune.prefix import _flash_applies, prefix_sdpa_attention
 from glmtune.prefix import attention_layers
 
 PRE_SEQ_LEN = 5
@@ -150,3 +150,88 @@ def test_other_architectures_match_the_kv_cache_route_and_train_only_the_prefix(
     base = getattr(transformers, architecture)(config).eval()
     test_model_equals_prefix_given_as_kv_cache_with_unshifted_positions(base, tokenizer)
     test_only_prefix_parameters_receive_gradients(copy.deepcopy(base), tokenizer, projection=False)
+
+
+# ----------------------------------------------------------------------------- masks and the flash route
+
+
+def right_padded_batch(tokenizer):
+    inputs = batch(tokenizer, ["类型#裙*颜色#白色*风格#简约", "类型#上衣"], side="right")
+    return inputs, inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+
+
+def loss_and_gradients(model, inputs, labels):
+    loss = model(**inputs, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_right_padded_batches_skip_the_mask_with_the_same_loss_and_gradients(model, tokenizer):
+    """prefix_mask drops the padding mask of right-padded batches: same loss, same gradients as transformers' mask."""
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from glmtune.prefix import ATTENTION_NAME, register_attention
+
+    inputs, labels = right_padded_batch(tokenizer)
+    assert not inputs["attention_mask"].all()  # the batch is padded
+    results = []
+    try:
+        for mask_function in (None, sdpa_mask):  # None: glmtune's registration
+            run = prefixed(copy.deepcopy(model), projection=True).train()
+            if mask_function is not None:
+                AttentionMaskInterface.register(ATTENTION_NAME, mask_function)
+            results.append(loss_and_gradients(run, inputs, labels))
+    finally:
+        register_attention()
+    (loss, grads), (reference_loss, reference_grads) = results
+    torch.testing.assert_close(loss, reference_loss, atol=0, rtol=1e-6)
+    for name, grad in reference_grads.items():
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(grads[name], grad, atol=1e-7, rtol=1e-5)
+
+
+def test_prefix_mask_is_none_only_for_right_padding_without_cache():
+    from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
+
+    from glmtune.prefix import prefix_mask
+
+    right = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    left = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    holes = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]])
+    assert prefix_mask(2, 4, 4, attention_mask=right) is None
+    cases = [
+        dict(attention_mask=left), dict(attention_mask=holes),
+        dict(attention_mask=right, allow_is_causal_skip=False),
+        dict(attention_mask=right, local_size=2, mask_function=sliding_window_causal_mask_function(2)),
+    ]
+    for case in cases:
+        torch.testing.assert_close(prefix_mask(2, 4, 4, **case), sdpa_mask(batch_size=2, q_length=4, kv_length=4, **case))
+    cached = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # one new token after four cached ones
+    torch.testing.assert_close(prefix_mask(2, 1, 5, q_offset=4, attention_mask=cached),
+                               sdpa_mask(batch_size=2, q_length=1, kv_length=5, q_offset=4, attention_mask=cached))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash kernel needs a CUDA GPU")
+@pytest.mark.parametrize("q_len, cached, pre_seq_len", [(64, 0, 16), (1, 40, 16), (24, 40, 16), (64, 0, 0)])
+def test_flash_route_equals_the_explicit_mask_route(q_len, cached, pre_seq_len):
+    """bf16 on CUDA: no mask -> flash, bottom-right causal; against the explicit-mask route in float32
+    (pre_seq_len 0: no prefix, as for LoRA, against transformers' SDPA attention)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Module()
+    heads, kv_heads, dim = 8, 2, 128
+    layer.num_key_value_groups = heads // kv_heads
+    tensors = [torch.randn(2, heads, q_len, dim), torch.randn(2, kv_heads, cached + q_len, dim),
+               torch.randn(2, kv_heads, cached + q_len, dim), torch.randn(kv_heads, max(pre_seq_len, 1), dim)]
+    results = []
+    for dtype in (torch.bfloat16, torch.float32):  # float32 on CUDA takes the explicit-mask route
+        query, key, value, prefix = [t.to("cuda", dtype).requires_grad_() for t in tensors]
+        assert _flash_applies(query, key) == (dtype == torch.bfloat16)
+        layer.prefix_key_value = torch.stack([prefix, prefix.flip(-1)]) if pre_seq_len else None
+        out, _ = prefix_sdpa_attention(layer, query, key, value, None, scaling=dim ** -0.5, dropout=0.0)
+        out.float().square().sum().backward()
+        grads = [t.grad.float() for t in (query, key, value, prefix) if t.grad is not None]
+        results.append([out.float(), *grads])
+    assert len(results[0]) == len(results[1]) == (5 if pre_seq_len else 4)
+    for got, expected in zip(*results):  # bf16 rounding: about 0.4% of the norm
+        assert (got - expected).norm() <= 1e-2 * expected.norm()
