@@ -56,6 +56,7 @@ def parse_args(method: str, args=None) -> RunConfig:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     args = sys.argv[1:] if args is None else args
+    _use_cpu_without_gpu()  # before TrainingArguments, which set up the processes while being parsed
     try:
         if isinstance(args, dict):
             parsed = parser.parse_dict(args)
@@ -67,6 +68,8 @@ def parse_args(method: str, args=None) -> RunConfig:
         raise ArgumentsError([str(error)]) from None
     except FileNotFoundError:
         raise ArgumentsError([f"{args[0]}: no such argument file"]) from None
+    except ImportError:  # TrainingArguments load DeepSpeed as soon as --deepspeed is given
+        raise ArgumentsError(["--deepspeed needs DeepSpeed, which is not installed: pip install -r requirements-deepspeed.txt"]) from None
     config = RunConfig(method, *parsed)
     type_problems = _type_problems(config)
     if type_problems:  # a .json file or dict is not type-converted like argv; the range checks need numbers
@@ -82,6 +85,7 @@ def check_args(config: RunConfig) -> None:
         + _range_problems(config)
         + _task_problems(config)
         + _path_problems(config)
+        + _distributed_problems(config)
     )
     if problems:
         raise ArgumentsError(problems)
@@ -248,6 +252,60 @@ def _resume_problems(config: RunConfig) -> list[str]:
     return []
 
 
+def _use_cpu_without_gpu() -> None:
+    """No CUDA here: tell accelerate that its processes are CPU processes (torchrun's are joined over gloo).
+
+    Why: otherwise accelerate ignores torchrun's LOCAL_RANK on a machine without a GPU (each process would
+    train alone on all the data, all writing into one --output_dir), and --deepspeed hangs setting up.
+    """
+    if not _cuda_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def zero_stage(training) -> int | None:
+    """The DeepSpeed ZeRO stage of --deepspeed (None without DeepSpeed)."""
+    if not training.deepspeed:
+        return None
+    return training.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage", 0)
+
+
+def _distributed_problems(config: RunConfig) -> list[str]:
+    """How the processes and GPUs are used: one process per GPU, and what DeepSpeed cannot do (README,
+    Several GPUs and machines, says what was measured)."""
+    training, problems = config.training, []
+    if training.n_gpu > 1:  # one process that sees several GPUs: transformers would wrap it in DataParallel
+        problems.append(
+            f"{training.n_gpu} GPUs are visible to one process, which would drive them with DataParallel (uneven memory, "
+            "and glmtune's loss and prefix hooks do not support it): start one process per GPU with "
+            f"NUM_GPUS={training.n_gpu} (torchrun), or choose one GPU with CUDA_VISIBLE_DEVICES=0"
+        )
+    stage, bits = zero_stage(training), config.model.quantization_bit
+    if stage is None:
+        return problems
+    if not _cuda_available():
+        return problems + [
+            f"--deepspeed {_name(training.deepspeed)} needs CUDA GPUs, and none is visible here: drop it "
+            "(NUM_GPUS=N without DEEPSPEED runs N data-parallel processes, on CPUs too)"
+        ]
+    if config.run.compile_layers and stage == 3:
+        problems.append(
+            f"--compile_layers cannot be combined with DeepSpeed ZeRO-3 (--deepspeed {_name(training.deepspeed)}): compiled "
+            "layers see ZeRO-3's partitioned (empty) weights, LoRA fails to compile and P-Tuning v2 drifts from the "
+            "uncompiled loss; remove the flag (ZeRO-3 runs uncompiled by default) or use a ZeRO-2 config"
+        )
+    if bits and stage == 3:
+        problems.append(
+            f"--quantization_bit {bits} cannot be combined with DeepSpeed ZeRO-3 (--deepspeed {_name(training.deepspeed)}): "
+            "transformers loads a bitsandbytes base onto one GPU (device_map), which ZeRO-3 refuses since it partitions "
+            "the base; use a ZeRO-2 config, or plain data parallelism (NUM_GPUS without DEEPSPEED)"
+        )
+    return problems
+
+
+def _name(deepspeed) -> str:
+    return deepspeed if isinstance(deepspeed, str) else "<dict>"
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -255,6 +313,8 @@ def _cuda_available() -> bool:
 
 
 def _fill_defaults(config: RunConfig) -> None:
+    import torch
+
     data, training = config.data, config.training
     if data.val_max_target_length is None:
         data.val_max_target_length = data.max_target_length
@@ -269,8 +329,14 @@ def _fill_defaults(config: RunConfig) -> None:
     if training.do_predict:
         training.predict_with_generate = True  # prediction means generating text to score
     if config.run.compile_layers is None:  # measured on bf16 bases only (docs/benchmarks.md); opt in for 4/8-bit
-        config.run.compile_layers = training.do_train and _cuda_available() and not config.model.quantization_bit
+        config.run.compile_layers = (training.do_train and _cuda_available() and not config.model.quantization_bit
+                                     and zero_stage(training) != 3)  # ZeRO-3: see _distributed_problems
     if not _cuda_available():
         training.dataloader_pin_memory = False  # pinning only helps copies to a GPU (and warns without one)
+        # accelerate calls a CPU process's device 'cpu:0', which torch.load cannot map a checkpoint to: resuming
+        # several CPU processes failed. The plain CPU device is the same memory (cached_property: set its value).
+        training.__dict__["_setup_devices"] = torch.device("cpu")
+    if training.ddp_find_unused_parameters is None:  # both methods use every trainable weight in each step
+        training.ddp_find_unused_parameters = False
     training.remove_unused_columns = False  # our collators build exactly the model's inputs
     training.label_names = ["labels"]  # PEFT wrappers hide the forward signature the Trainer reads this from

@@ -149,6 +149,13 @@ class GlmtuneTrainer(Seq2SeqTrainer):
 
     # ------------------------------------------------------------------ generation
 
+    def evaluation_loop(self, *args, **kwargs):
+        # Seq2SeqTrainer gathers with accelerator.gather ("we don't want to drop samples"), which keeps the rows
+        # that the last batch repeats so that every process gets one: with several processes they were scored
+        # and written twice. gather_for_metrics drops exactly those, so each row comes back once, in order.
+        self.gather_function = self.accelerator.gather_for_metrics
+        return super().evaluation_loop(*args, **kwargs)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         """Generate from the left-padded prompt and return only the new tokens (the prompt is cut off)."""
         if not self.args.predict_with_generate or prediction_loss_only:

@@ -31,13 +31,21 @@ MAX_STEPS=${MAX_STEPS:-200}
 SAVE_STEPS=${SAVE_STEPS:-100}
 OUTPUT_DIR=${OUTPUT_DIR:-output/adgen-toy-lora-$LORA_RANK-$LR}
 PYTHON=${PYTHON:-python3}
+### processes (README: Several GPUs and machines)
+NUM_GPUS=${NUM_GPUS:-1}                       # processes on this machine, one per GPU (torchrun when > 1)
+NNODES=${NNODES:-1}                           # machines; each one runs this script with its NODE_RANK
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}         # node 0's address and a free port there (NNODES > 1)
+MASTER_PORT=${MASTER_PORT:-29500}
+DEEPSPEED=${DEEPSPEED:-}                      # a DeepSpeed config, e.g. scripts/deepspeed/zero3.json; empty: none
 
 bash scripts/ensure_model.sh "$MODEL"
 extra=()
 [ -n "$QUANTIZATION_BIT" ] && extra+=(--quantization_bit "$QUANTIZATION_BIT")
 [ -n "$HISTORY_COLUMN" ] && extra+=(--history_column "$HISTORY_COLUMN")
+source scripts/launch.sh                      # sets launch (python or torchrun), adds --deepspeed
 
-$PYTHON lora/main.py \
+"${launch[@]}" lora/main.py \
     --do_train \
     --model_name_or_path "$MODEL" \
     --train_file "$TRAIN_FILE" \
