@@ -25,7 +25,7 @@ from glmtune.errors import ArgumentsError
 
 METHODS = ("ptuning", "lora")
 DATA_EXTENSIONS = (".json", ".jsonl")
-TEMPLATES = ("auto", "chat_template", "chatglm2", "chatglm", "raw")
+TEMPLATES = ("auto", "chat_template", "chatglm3", "chatglm2", "chatglm", "raw")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ARGUMENT_CLASSES = (
     ModelArguments,
