@@ -58,6 +58,18 @@ def parse_args(method: str, args=None) -> RunConfig:
     args = sys.argv[1:] if args is None else args
     _use_cpu_without_gpu()  # before TrainingArguments, which set up the processes while being parsed
     try:
+        return _parse(method, parser, args)
+    except ArgumentsError:
+        # --deepspeed registers its config process-wide while TrainingArguments are built; a refused run
+        # must not leave it behind (later models in the same process would load as if under ZeRO-3).
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        raise
+
+
+def _parse(method: str, parser, args) -> RunConfig:
+    try:
         if isinstance(args, dict):
             parsed = parser.parse_dict(args)
         elif len(args) == 1 and args[0].endswith(".json"):
