@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import GOLDEN
+from golden import golden_prefix_encoder, parity_errors
 from glmtune.chatglm.modeling_v1 import (ChatGLMConfig, ChatGLMForCausalLM, glm_attention_mask, glm_position_ids,
                                           rotary_frequencies)
 from glmtune.errors import GlmtuneError
-from glmtune.prefix import PrefixEncoder, attach_prefix
+from glmtune.prefix import attach_prefix
 
 V1 = GOLDEN / "chatglm-v1"
 pytestmark = pytest.mark.skipif(not (V1 / "model.safetensors").is_file(),
@@ -29,32 +30,8 @@ def load_model(variant="base", path=V1, attn="sdpa"):
     """The golden weights with the variant's golden prefix attached, in eval mode."""
     model = ChatGLMForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
     if variant != "base":
-        attach_prefix(model, golden_prefix_encoder(model.config, projection=variant.endswith("true")))
+        attach_prefix(model, golden_prefix_encoder(model.config, V1, projection=variant.endswith("true")))
     return model.eval()
-
-
-def golden_prefix_encoder(config, projection: bool) -> PrefixEncoder:
-    # v1 projects hidden -> hidden -> kv, so the projected embedding is hidden_size wide
-    encoder = PrefixEncoder(4, config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
-                            projection=projection, embedding_dim=config.hidden_size, hidden_size=config.hidden_size,
-                            dropout=0.0)
-    stored = load_file(V1 / f"prefix_encoder_proj_{str(projection).lower()}.safetensors")
-    encoder.load_state_dict({k.removeprefix("transformer.prefix_encoder."): v for k, v in stored.items()}, strict=True)
-    return encoder
-
-
-def parity_errors(logits, golden, name="logits", real=None) -> dict:
-    """Largest errors against the slimmed golden logits; ``real`` (bool, logits' leading shape) selects positions."""
-    at_cols = logits[..., golden[f"{name}_vocab_cols"]]
-    logsumexp = logits.double().logsumexp(-1)
-    argmax = logits.argmax(-1)
-    if real is None:
-        real = torch.ones(argmax.shape, dtype=torch.bool)
-    torch.testing.assert_close(at_cols[real], golden[f"{name}_at_cols"][real], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(logsumexp[real], golden[f"{name}_logsumexp"][real], atol=1e-4, rtol=0)
-    assert torch.equal(argmax[real], golden[f"{name}_argmax"][real])
-    return {"at_cols": (at_cols - golden[f"{name}_at_cols"])[real].abs().max().item(),
-            "logsumexp": (logsumexp - golden[f"{name}_logsumexp"])[real].abs().max().item()}
 
 
 def train_file(variant):

@@ -10,12 +10,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from conftest import GOLDEN
+from golden import golden_prefix_encoder, parity_errors
 from glmtune.chatglm.modeling_v2 import ChatGLM2Config, ChatGLM2ForCausalLM, attention_bias
 from glmtune.errors import GlmtuneError
-from glmtune.prefix import PrefixEncoder, attach_prefix
+from glmtune.prefix import attach_prefix
 
 V2, V3 = GOLDEN / "chatglm-v2", GOLDEN / "chatglm-v3"
 pytestmark = pytest.mark.skipif(not (V2 / "model.safetensors").is_file() or not V3.is_dir(),
@@ -28,32 +29,8 @@ def load_model(config_path=V2 / "config.json", variant="base", attn="sdpa", weig
     config = ChatGLM2Config.from_json_file(str(config_path))
     model = ChatGLM2ForCausalLM.from_pretrained(weights, config=config, dtype=torch.float32, attn_implementation=attn)
     if variant != "base":
-        attach_prefix(model, golden_prefix_encoder(config, projection=variant.endswith("true")))
+        attach_prefix(model, golden_prefix_encoder(config, V2, projection=variant.endswith("true")))
     return model.eval()
-
-
-def golden_prefix_encoder(config, projection: bool) -> PrefixEncoder:
-    # v2 projects kv_size -> hidden -> kv_size, so the embedding is kv_size wide with and without projection
-    kv_size = config.num_layers * config.kv_channels * config.multi_query_group_num * 2
-    encoder = PrefixEncoder(4, config.num_layers, config.multi_query_group_num, config.kv_channels, projection=projection,
-                            embedding_dim=kv_size, hidden_size=config.hidden_size, dropout=0.0)
-    stored = load_file(V2 / f"prefix_encoder_proj_{str(projection).lower()}.safetensors")
-    encoder.load_state_dict({k.removeprefix("transformer.prefix_encoder."): v for k, v in stored.items()}, strict=True)
-    return encoder
-
-
-def parity_errors(logits, golden, name="logits", real=None) -> dict:
-    """Largest errors against the slimmed golden logits; ``real`` (bool, logits' leading shape) selects positions."""
-    at_cols = logits[..., golden[f"{name}_vocab_cols"]]
-    logsumexp = logits.double().logsumexp(-1)
-    argmax = logits.argmax(-1)
-    if real is None:
-        real = torch.ones(argmax.shape, dtype=torch.bool)
-    torch.testing.assert_close(at_cols[real], golden[f"{name}_at_cols"][real], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(logsumexp[real], golden[f"{name}_logsumexp"][real], atol=1e-4, rtol=0)
-    assert torch.equal(argmax[real], golden[f"{name}_argmax"][real])
-    return {"at_cols": (at_cols - golden[f"{name}_at_cols"]).abs().max().item(),
-            "logsumexp": (logsumexp - golden[f"{name}_logsumexp"]).abs().max().item()}
 
 
 @pytest.mark.parametrize("config_path", [V2 / "config.json", V3 / "config.json"], ids=["v2", "v3"])

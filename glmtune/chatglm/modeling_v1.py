@@ -25,11 +25,11 @@ instead of producing NaN.
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
-from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from glmtune.chatglm.common import embed_and_cache
 from glmtune.errors import GlmtuneError
 
 RESIDUAL_ALPHA = (2 * 28) ** 0.5  # GLMBlock's default num_layers=28, never overridden by the original
@@ -274,14 +274,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("ChatGLM-6B: pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        inputs_embeds, past_key_values, past_length = embed_and_cache(
+            self, self.word_embeddings, input_ids, inputs_embeds, past_key_values, use_cache)
         position_ids = self._position_ids(input_ids, attention_mask, position_ids, past_length)
         mask = self._attention_mask(input_ids, attention_mask, past_length, inputs_embeds.dtype)
         position_embeddings = rotary_tables(position_ids, self.inv_freq, inputs_embeds.dtype)
