@@ -7,7 +7,10 @@ Model folders saved by THUDM (config.json with ``model_type: "chatglm"``, the or
   ``<sop>``, GELU MLP, alpha-scaled residuals.
 * ``modeling_v2`` - ChatGLM2-6B / ChatGLM3-6B (same architecture): multi-query attention, rotary on half
   the head dimension, RMSNorm, SwiGLU, ``rope_ratio``.
-* ``tokenization`` - the three SentencePiece tokenizers with their special tokens and prompt builders.
+* ``tokenization`` - which tokenizer a folder needs, and loading it; the tokenizers themselves (SentencePiece,
+  the original special tokens and prompt builders) in ``tokenization_v1`` / ``tokenization_v2`` over
+  ``tokenization_base``.
+* ``prefix_format`` - the ancestors' P-Tuning v2 checkpoint file, read and written.
 
 Contract with the rest of glmtune (what makes P-Tuning v2, LoRA, the target-token loss and layer
 compilation work on these models exactly as on native transformers models):
