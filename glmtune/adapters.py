@@ -53,8 +53,11 @@ def prefix_config(model_config, args: PtuningArguments) -> dict:
 def add_prefix_encoder(model, args: PtuningArguments):
     """Freeze the base, attach a float32 prefix encoder (loaded from --ptuning_checkpoint if given)."""
     config = prefix_config(model.config, args)
-    if args.ptuning_checkpoint:
-        config = _checked_checkpoint_config(args.ptuning_checkpoint, config, args)
+    checkpoint, original_weights = args.ptuning_checkpoint, None
+    if checkpoint and _is_original_format(checkpoint):  # read once: its shapes are its only config
+        original_weights = prefix_format.read_original_prefix(checkpoint)
+    if checkpoint:
+        config = _checked_checkpoint_config(checkpoint, config, args, original_weights)
     encoder = PrefixEncoder(
         config["pre_seq_len"], config["num_layers"], config["kv_heads"], config["head_dim"],
         projection=config["prefix_projection"], embedding_dim=config["embedding_dim"],
@@ -64,8 +67,8 @@ def add_prefix_encoder(model, args: PtuningArguments):
     encoder.train(model.training)  # a new module starts in training mode; follow the model's
     model.requires_grad_(False)
     attach_prefix(model, encoder)
-    if args.ptuning_checkpoint:
-        load_prefix_weights(model, args.ptuning_checkpoint)
+    if checkpoint:
+        load_prefix_weights(model, checkpoint, original_weights)
     allow_trainer_on_quantized(model)
     log_trainable(model)
     return model
@@ -78,10 +81,11 @@ def allow_trainer_on_quantized(model) -> None:
         model._hf_peft_config_loaded = True
 
 
-def _checked_checkpoint_config(checkpoint: str, expected: dict, args: PtuningArguments) -> dict:
-    """The checkpoint's prefix config, after checking it fits this base and the flags given."""
-    if _is_original_format(checkpoint):
-        saved = prefix_format.original_prefix_config(checkpoint, expected)
+def _checked_checkpoint_config(checkpoint: str, expected: dict, args: PtuningArguments, original_weights=None) -> dict:
+    """The checkpoint's prefix config, after checking it fits this base and the flags given
+    (``original_weights``: an ancestors' checkpoint's tensors, None for glmtune's own format)."""
+    if original_weights is not None:
+        saved = prefix_format.original_prefix_config(original_weights, checkpoint, expected)
     else:
         saved = read_json(os.path.join(checkpoint, PREFIX_CONFIG), "--ptuning_checkpoint")
     mismatched = [key for key in PREFIX_SHAPE_KEYS if key in saved and saved[key] != expected[key]]
@@ -130,11 +134,12 @@ def save_prefix_checkpoint(model, output_dir: str) -> None:
         json.dump(encoder.glmtune_config, f, indent=2)
 
 
-def load_prefix_weights(model, checkpoint: str) -> None:
+def load_prefix_weights(model, checkpoint: str, original_weights=None) -> None:
+    """``original_weights``: an ancestors' checkpoint's tensors when already read (else read here)."""
     path = os.path.join(checkpoint, PREFIX_WEIGHTS)
-    if _is_original_format(checkpoint):
+    if original_weights is not None or _is_original_format(checkpoint):
         path = os.path.join(checkpoint, prefix_format.ORIGINAL_WEIGHTS)
-        weights = prefix_format.read_original_prefix(checkpoint)
+        weights = original_weights if original_weights is not None else prefix_format.read_original_prefix(checkpoint)
     else:
         weights = _read_prefix_weights(checkpoint, path)
     try:

@@ -36,9 +36,9 @@ def read_original_prefix(checkpoint: str) -> dict:
     return weights
 
 
-def original_prefix_config(checkpoint: str, expected: dict) -> dict:
-    """glmtune's prefix config for an ancestors' checkpoint, from its tensor shapes (it has no config of its own)."""
-    weights = read_original_prefix(checkpoint)
+def original_prefix_config(weights: dict, checkpoint: str, expected: dict) -> dict:
+    """glmtune's prefix config for an ancestors' checkpoint (``weights``: read_original_prefix's), from its
+    tensor shapes (it has no config of its own)."""
     pre_seq_len, embedding_dim = weights["embedding.weight"].shape
     projection = "trans.0.weight" in weights
     kv_size = weights["trans.2.weight"].shape[0] if projection else embedding_dim
