@@ -4,6 +4,7 @@ One loader for evaluation tools, the chat demos, the LoRA merge and the API serv
 read checkpoints the way the trainers wrote them.
 """
 
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -30,12 +31,14 @@ class TunedModel:
     method: str  # "ptuning", "lora" or "base"
     max_source_length: int = 1024
 
+    @functools.cached_property
     def encoder(self) -> Encoder:
+        """Built once: every request encodes its prompt with it."""
         return Encoder(self.tokenizer, self.prompt_format, self.max_source_length, 1, train=False)
 
     def encode(self, query: str, history=None) -> list:
         """Prompt ids exactly as training built them (same template, same truncation)."""
-        return self.encoder().encode_prompt(query, history or [])[0]
+        return self.encoder.encode_prompt(query, history or [])[0]
 
     def generate(self, queries: list, histories=None, **generate_kwargs) -> list:
         """Answers for several queries at once (left-padded batch), in order."""

@@ -150,7 +150,7 @@ def parse_messages(messages) -> tuple:
 
 def prompt_length(tuned, query: str, history: list) -> int:
     """Tokens of the full prompt, untruncated, exactly as TunedModel.encode tokenizes it."""
-    return len(tuned.encoder().prompt_ids(query, history))
+    return len(tuned.encoder.prompt_ids(query, history))
 
 
 def parse_request(body, tuned, max_source_length: int) -> Job:
