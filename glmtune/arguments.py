@@ -157,6 +157,16 @@ class RunArguments:
             "bf16/fp16 base on a CUDA GPU; off on CPU and for 4/8-bit bases (not measured there yet)."
         },
     )
+    padding_free: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Training batches without padding: a batch's samples back to back in one row, each token attending "
+            "only within its own sample (flash attention's variable-length kernel on CUDA). The loss and gradients of "
+            "the padded batch, without computing the padding. Default: on when training a bf16/fp16 base on a CUDA GPU "
+            "with a model whose attention receives the sample boundaries (transformers' own models, ChatGLM2/3; not "
+            "ChatGLM-6B); off on CPU, where the explicit block mask costs more than the padding saves."
+        },
+    )
     target_token_loss: bool = field(
         default=True,
         metadata={

@@ -289,3 +289,35 @@ class Collator:
             for row in rows
         ]
         return torch.tensor(padded, dtype=torch.long)
+
+
+class PaddingFreeCollator:
+    """Training batches without padding: the batch's samples back to back in one row.
+
+    Positions restart at 0 in every sample and ``cu_seq_lens_q`` / ``cu_seq_lens_k`` hold the sample
+    boundaries (flash attention's variable-length arguments, under the names transformers gives them), so
+    ``glmtune.attention`` keeps every token's attention inside its own sample: the same function as the
+    padded batch, without computing the padding. Each sample's first label becomes -100 so that the
+    previous sample's last token does not learn to predict it (in a padded batch nothing predicts position
+    0 either); the loss and its token count are therefore those of the padded batch.
+    """
+
+    def __call__(self, features: list) -> dict:
+        input_ids, labels, positions, boundaries = [], [], [], [0]
+        for feature in features:
+            length = len(feature["input_ids"])
+            input_ids += feature["input_ids"]
+            labels += [IGNORE_INDEX] + list(feature["labels"][1:])
+            positions += range(length)
+            boundaries.append(boundaries[-1] + length)
+        longest = max(end - start for start, end in zip(boundaries, boundaries[1:]))
+        cu_seq_lens = torch.tensor(boundaries, dtype=torch.int32)
+        return {
+            "input_ids": torch.tensor([input_ids], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": longest,
+            "max_length_k": longest,
+        }

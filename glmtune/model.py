@@ -106,20 +106,18 @@ def load_base_model(model_args: ModelArguments):
 def compile_decoder_layers(model) -> None:
     """The fast training path: glmtune's attention, LoRA in the base dtype, each decoder layer compiled.
 
-    * glmtune's attention function (``glmtune.prefix``; P-Tuning v2 has it already) gives right-padded
+    * glmtune's attention function (``glmtune.attention``; P-Tuning v2 has it already) gives right-padded
       training batches no mask, so attention runs the flash kernel instead of a masked one;
     * LoRA branches compute in the base's dtype inside one ``addmm`` (``glmtune.fast_lora``);
     * ``torch.compile`` with dynamic shapes on every decoder layer: the layers share their code, so it
       compiles once (about a minute) and serves every layer and batch length; it fuses the element-wise
       work around the matrix products (norms, rotary, activation) that eager runs as separate kernels.
     """
+    from glmtune.attention import use_glmtune_attention
     from glmtune.fast_lora import lora_in_base_dtype
-    from glmtune.prefix import ATTENTION_NAME, register_attention
 
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if causal_lm.config._attn_implementation == "sdpa":  # ours falls back to SDPA where no prefix is attached
-        register_attention()
-        causal_lm.set_attn_implementation(ATTENTION_NAME)
+    use_glmtune_attention(model)
     lora_in_base_dtype(model)
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in causal_lm.get_decoder().layers:
         layer.compile(dynamic=True)

@@ -343,6 +343,8 @@ def _fill_defaults(config: RunConfig) -> None:
     if config.run.compile_layers is None:  # measured on bf16 bases only (docs/benchmarks.md); opt in for 4/8-bit
         config.run.compile_layers = (training.do_train and _cuda_available() and not config.model.quantization_bit
                                      and zero_stage(training) != 3)  # ZeRO-3: see _distributed_problems
+    if config.run.padding_free is None and not (training.do_train and _cuda_available() and config.model.torch_dtype != "float32"):
+        config.run.padding_free = False  # otherwise decided with the model loaded (glmtune.workflow.padding_free)
     if not _cuda_available():
         training.dataloader_pin_memory = False  # pinning only helps copies to a GPU (and warns without one)
         # accelerate calls a CPU process's device 'cpu:0', which torch.load cannot map a checkpoint to: resuming

@@ -11,7 +11,8 @@ from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from glmtune.adapters import add_lora, add_prefix_encoder, allow_trainer_on_quantized
-from glmtune.data import Collator, load_split, tokenize
+from glmtune.attention import supports_padding_free, use_glmtune_attention
+from glmtune.data import Collator, PaddingFreeCollator, load_split, tokenize
 from glmtune.errors import GlmtuneError
 from glmtune.metrics import ComputeMetrics
 from glmtune.model import compile_decoder_layers, load_base_model, load_tokenizer
@@ -35,6 +36,7 @@ def run(config: RunConfig) -> dict:
     prompt_format = PromptFormat(config.data.prompt_template, tokenizer, config.data.source_prefix)
     datasets = prepare_datasets(config, tokenizer, prompt_format)
     model = attach_method(config, load_base_model(config.model))
+    config.run.padding_free = padding_free(config, model)
     if config.run.compile_layers:
         compile_decoder_layers(model)
     trainer = build_trainer(config, model, tokenizer, datasets, prompt_format)
@@ -80,6 +82,23 @@ def attach_method(config: RunConfig, model):
     return add_lora(model, config.lora)
 
 
+def padding_free(config: RunConfig, model) -> bool:
+    """--padding_free as given or by default (glmtune.parsing leaves ``None`` where it applies), checked
+    against the model; when on, the model runs glmtune's attention, which keeps the samples apart."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    supported = supports_padding_free(causal_lm)
+    wanted = config.run.padding_free
+    if wanted and not supported:
+        raise GlmtuneError(f"--padding_free: {type(causal_lm).__name__} does not pass the sample boundaries to its "
+                           "attention (it derives positions or masks its own way); use --padding_free False")
+    if wanted is None:
+        wanted = supported
+        logger.info("Padding-free training batches: %s", "on" if wanted else f"off ({type(causal_lm).__name__} does not support them)")
+    if wanted:
+        use_glmtune_attention(model)
+    return wanted
+
+
 def build_trainer(config: RunConfig, model, tokenizer, datasets: dict, prompt_format: PromptFormat) -> GlmtuneTrainer:
     training = config.training
     generating = training.predict_with_generate
@@ -91,7 +110,7 @@ def build_trainer(config: RunConfig, model, tokenizer, datasets: dict, prompt_fo
         train_dataset=datasets.get("train"),
         eval_dataset=datasets.get("eval"),
         processing_class=tokenizer,
-        data_collator=Collator(tokenizer.pad_token_id, "right"),
+        data_collator=PaddingFreeCollator() if config.run.padding_free else Collator(tokenizer.pad_token_id, "right"),
         eval_collator=Collator(tokenizer.pad_token_id, "left" if generating else "right"),
         compute_metrics=ComputeMetrics(tokenizer) if generating else None,
         generate_kwargs=generate_kwargs,

@@ -34,7 +34,8 @@ from transformers import GlmConfig, GlmForCausalLM, Seq2SeqTrainingArguments, Tr
 
 from glmtune.adapters import add_lora, add_prefix_encoder  # noqa: E402
 from glmtune.arguments import LoraArguments, ModelArguments, PtuningArguments  # noqa: E402
-from glmtune.data import Collator  # noqa: E402
+from glmtune.attention import use_glmtune_attention  # noqa: E402
+from glmtune.data import Collator, PaddingFreeCollator  # noqa: E402
 from glmtune.model import compile_decoder_layers, load_base_model, quantization_config  # noqa: E402
 from glmtune.trainer import GlmtuneTrainer  # noqa: E402
 
@@ -140,11 +141,12 @@ class StepTimer(TrainerCallback):
             self.profile_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
+        # Synchronize only at the window's edges: a sync every step would stall the host's run-ahead.
+        if state.global_step in (self.warmup, self.last) and torch.cuda.is_available():
             torch.cuda.synchronize()
         if state.global_step == self.warmup:
             self.start = time.perf_counter()
-        if state.global_step <= self.last:
+        if state.global_step == self.last:
             self.end = time.perf_counter()
         if self.profiler is not None and state.global_step == self.last + PROFILED_STEPS:
             self.profiler.stop()
@@ -160,7 +162,8 @@ class TokenCounter:
 
     def __call__(self, features):
         batch = self.collate(features)
-        self.tokens.append(int(batch["attention_mask"].sum()))
+        real = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()  # padding-free
+        self.tokens.append(int(real))
         self.samples.append(len(features))
         return batch
 
@@ -190,11 +193,55 @@ def write_profile(profiler, wall_s: float, folder: str, name: str) -> None:
     lines += ["", "top kernels (self GPU time):"]
     lines += [f"  {_device_us(e) / 1e3:9.2f} ms  {e.count:6d}x  {e.key[:150]}" for e in
               sorted(kernels, key=_device_us, reverse=True)[:45]]
+    lines += ["", *idle_report(profiler.events())]
     text = "\n".join(lines)
     print(text, flush=True)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"profile-{name.replace('+', '_')}.txt"), "w") as f:
         f.write(text + "\n")
+
+
+# host-side CUDA runtime calls that can wait for the GPU (an async copy waits when its host memory is pageable)
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync")
+
+
+def idle_report(events, largest: int = 12) -> list:
+    """Where the GPU waits: the gaps between kernels, the host ops running in the largest ones, and the
+    host calls that wait for the GPU (syncs), with the ops that made them."""
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if _on_gpu(e))
+    if not kernels:
+        return ["no GPU kernels recorded"]
+    gaps, end, previous = [], kernels[0][1], kernels[0][2]
+    for start, stop, kernel in kernels[1:]:
+        if start > end:
+            gaps.append((start - end, end, previous, kernel))
+        if stop > end:
+            end, previous = stop, kernel
+    span = end - kernels[0][0]
+    idle = sum(g[0] for g in gaps)
+    lines = [f"GPU idle between its first and last kernel: {idle / 1e3:.1f} of {span / 1e3:.1f} ms ({100 * idle / span:.0f}%); "
+             f"gaps > 0.1 ms: {sum(1 for g in gaps if g[0] > 100)}, {sum(g[0] for g in gaps if g[0] > 100) / 1e3:.1f} ms"]
+    host = [e for e in events if not _on_gpu(e)]
+    for length, at, before, after in sorted(gaps, reverse=True)[:largest]:
+        running = [e.name for e in host if e.time_range.start <= at + length / 2 <= e.time_range.end][:5]
+        lines.append(f"  gap {length / 1e3:7.2f} ms after {before[:50]!r} before {after[:50]!r}; host in: {' > '.join(running)[:160]}")
+    syncs = {}
+    for e in host:
+        if e.name in SYNC_CALLS:
+            chain, parent = [], e.cpu_parent
+            while parent is not None and len(chain) < 4:
+                chain.append(parent.name)
+                parent = parent.cpu_parent
+            key = f"{e.name} <- {' <- '.join(chain)}"[:170]
+            count, total = syncs.get(key, (0, 0.0))
+            syncs[key] = (count + 1, total + e.time_range.end - e.time_range.start)
+    lines.append(f"host calls that wait for the GPU ({sum(c for c, _ in syncs.values())}):")
+    lines += [f"  {count:4d}x {total / 1e3:8.2f} ms  {key}" for key, (count, total) in sorted(syncs.items(), key=lambda i: -i[1][1])[:15]]
+    return lines
+
+
+def _on_gpu(event) -> bool:
+    return str(getattr(event, "device_type", "")).endswith("CUDA")
 
 
 def _device_us(event) -> float:
@@ -212,14 +259,15 @@ def _kernel_family(name: str) -> str:
     return "other elementwise / reduction"
 
 
-def training_args(output_dir: str, setting: dict, steps: int, glmtune: bool) -> Seq2SeqTrainingArguments:
+def training_args(output_dir: str, setting: dict, steps: int, logging_steps: int, glmtune: bool) -> Seq2SeqTrainingArguments:
+    """Logging reads the loss back from the GPU (a sync): once, when the timed window ends, for both sides."""
     extra = {}
     if glmtune:
         extra = dict(gradient_checkpointing=setting["checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
                      remove_unused_columns=False, label_names=["labels"])
     return Seq2SeqTrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=setting["batch"], max_steps=steps, learning_rate=1e-4,
-        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+        report_to="none", save_strategy="no", logging_steps=logging_steps, disable_tqdm=True, dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(), **extra,
     )
 
@@ -233,12 +281,11 @@ def measure(trainer, setting: dict, args, row, impl, precision, n_flops) -> Resu
     timed = slice(args.warmup, args.warmup + args.steps)  # batch i is trained at step i + 1
     tokens, samples = sum(counter.tokens[timed]), sum(counter.samples[timed])
     seconds = timer.end - timer.start
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]  # one entry: the mean over the run's steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     tokens_per_s = tokens / seconds
     return Result(row, impl, precision, f"{setting['batch']}x{setting['source'][1] + setting['target'][1]}",
-                  tokens_per_s, samples / seconds, peak, tokens_per_s * n_flops / PEAK_FLOPS, losses[args.warmup + args.steps - 1],
-                  losses)
+                  tokens_per_s, samples / seconds, peak, tokens_per_s * n_flops / PEAK_FLOPS, losses[0], losses)
 
 
 def total_steps(args, impl: str) -> int:
@@ -255,12 +302,15 @@ def run_glmtune(folder, row, method, bits, setting, args) -> Result:
         model = add_prefix_encoder(model, PtuningArguments(pre_seq_len=PRE_SEQ_LEN, prefix_dropout=0.0))
     else:
         model = add_lora(model, LoraArguments(lora_rank=8, lora_alpha=32, lora_dropout=0.0, lora_target="all"))
+    if args.padding_free:  # as train.sh on a CUDA GPU (glmtune.workflow.padding_free)
+        use_glmtune_attention(model)
     if row.endswith("+compile"):
         compile_decoder_layers(model)
     steps = total_steps(args, "glmtune")
     samples = synthetic_samples(steps * setting["batch"], setting, model.config.vocab_size)
-    trainer = GlmtuneTrainer(model=model, args=training_args(args.scratch, setting, steps, True),
-                             train_dataset=samples, data_collator=Collator(0, "right"))
+    collator = PaddingFreeCollator() if args.padding_free else Collator(0, "right")
+    trainer = GlmtuneTrainer(model=model, args=training_args(args.scratch, setting, steps, args.warmup + args.steps, True),
+                             train_dataset=samples, data_collator=collator)
     return measure(trainer, setting, args, row, "glmtune", _precision(bits), flops_per_token(folder))
 
 
@@ -287,7 +337,7 @@ def run_naive(folder, row, method, bits, setting, args) -> Result:
     steps = total_steps(args, "naive")
     samples = synthetic_samples(steps * setting["batch"], setting, model.config.vocab_size)
     padded = pad_to_max(samples, setting["source"][1] + setting["target"][1])
-    train_args = training_args(args.scratch, {**setting, "checkpointing": False}, steps, False)
+    train_args = training_args(args.scratch, {**setting, "checkpointing": False}, steps, args.warmup + args.steps, False)
     trainer = Trainer(model=model, args=train_args, train_dataset=padded, data_collator=default_data_collator)
     return measure(trainer, setting, args, row, "naive", _precision(bits), flops_per_token(folder))
 
@@ -339,7 +389,7 @@ def free_memory() -> None:
 def print_table(results: list) -> None:
     naive = {(r.row.split("+")[0], r.shape): r for r in results if r.impl == "naive"}
     single = next((r for r in results if r.impl == "one at a time"), None)
-    print("\n| row | impl | precision | batch x len | tokens/s | samples/s | peak GiB | MFU | vs naive (speed, memory) | last loss |")
+    print("\n| row | impl | precision | batch x len | tokens/s | samples/s | peak GiB | MFU | vs naive (speed, memory) | mean loss |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         base = naive.get((r.row.split("+")[0], r.shape)) if r.impl == "glmtune" else (single if r.impl == "glmtune batched" else None)
@@ -364,6 +414,8 @@ def main() -> None:
     parser.add_argument("--single_prompts", type=int, default=16)
     parser.add_argument("--batches", default="8", help="micro-batch sizes of the throughput rows (a comma list: a search)")
     parser.add_argument("--profile", default=None, help="folder: profile 2 steps after the timed ones of glmtune rows")
+    parser.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=True,
+                        help="glmtune rows: padding-free batches, as train.sh on a GPU (--no-padding_free: padded)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, to check this script")
     parser.add_argument("--json", default=None, help="also write the results as JSON lines here")
     args = parser.parse_args()

@@ -89,8 +89,8 @@ def test_compiled_layers_give_the_same_loss_and_gradients(model, tokenizer):
                                atol=1e-6, rtol=1e-5)
 
 
-def train_curve(model, tokenizer, tmp_path, steps=8) -> list:
-    """AdamW steps of GlmtuneTrainer on right-padded batches of two samples; the logged losses."""
+def train_curve(model, tokenizer, tmp_path, steps=8, collator=None) -> list:
+    """AdamW steps of GlmtuneTrainer on batches of two samples (right-padded unless ``collator``); the logged losses."""
     from transformers import Seq2SeqTrainingArguments
 
     from glmtune.data import Collator
@@ -104,7 +104,7 @@ def train_curve(model, tokenizer, tmp_path, steps=8) -> list:
                                     use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
                                     label_names=["labels"], seed=5)
     trainer = GlmtuneTrainer(model=model, args=args, train_dataset=samples,
-                             data_collator=Collator(tokenizer.pad_token_id, "right"))
+                             data_collator=collator or Collator(tokenizer.pad_token_id, "right"))
     trainer.train()
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
@@ -120,7 +120,7 @@ def test_bf16_cuda_training_curve_matches_the_previous_path(model, tokenizer, tm
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     from glmtune.fast_lora import lora_in_base_dtype
-    from glmtune.prefix import ATTENTION_NAME, register_attention
+    from glmtune.attention import ATTENTION_NAME, register_attention
 
     base = model.to("cuda", torch.bfloat16)
     curves = []

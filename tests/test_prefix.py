@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from glmtune.adapters import add_prefix_encoder
 from glmtune.arguments import PtuningArguments
-from glmtune.prefix import _flash_applies, prefix_sdpa_attention
+from glmtune.attention import _flash_applies, prefix_sdpa_attention
 from glmtune.prefix import attention_layers
 
 PRE_SEQ_LEN = 5
@@ -170,7 +170,7 @@ def test_right_padded_batches_skip_the_mask_with_the_same_loss_and_gradients(mod
     """prefix_mask drops the padding mask of right-padded batches: same loss, same gradients as transformers' mask."""
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    from glmtune.prefix import ATTENTION_NAME, register_attention
+    from glmtune.attention import ATTENTION_NAME, register_attention
 
     inputs, labels = right_padded_batch(tokenizer)
     assert not inputs["attention_mask"].all()  # the batch is padded
@@ -193,7 +193,7 @@ def test_right_padded_batches_skip_the_mask_with_the_same_loss_and_gradients(mod
 def test_prefix_mask_is_none_only_for_right_padding_without_cache():
     from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
 
-    from glmtune.prefix import prefix_mask
+    from glmtune.attention import prefix_mask
 
     right = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     left = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
