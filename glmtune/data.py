@@ -259,27 +259,40 @@ def _report_truncation(dataset, split: str, max_source: int, max_target: int) ->
 # ----------------------------------------------------------------------------- batching
 
 
+def target_index(labels: torch.Tensor) -> torch.Tensor:
+    """The flat positions (into ``labels.view(-1)``) whose next token is a target: where ``glmtune.loss``
+    applies the output head. Computed by the training collators on the host, where it costs nothing; on
+    the GPU, finding them is a data-dependent size and so a device-to-host sync in every step."""
+    rows, columns = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + columns
+
+
 class Collator:
     """Pad a batch to its longest sample: right for training, left for generation (the new tokens follow
-    the prompt directly). Labels pad with -100 so padding never counts in the loss."""
+    the prompt directly). Labels pad with -100 so padding never counts in the loss. ``with_target_index``:
+    training batches also carry :func:`target_index`."""
 
-    def __init__(self, pad_token_id: int, padding_side: str, pad_to_multiple_of: int = 8):
+    def __init__(self, pad_token_id: int, padding_side: str, pad_to_multiple_of: int = 8, with_target_index=False):
         self.pad_token_id = pad_token_id
         self.padding_side = padding_side
         self.multiple = pad_to_multiple_of
+        self.with_target_index = with_target_index
 
     def __call__(self, features: list) -> dict:
         input_ids = [f["input_ids"] for f in features]
-        labels = [f["labels"] for f in features]
+        labels = self._pad([f["labels"] for f in features], IGNORE_INDEX)
         attention_mask = self._pad([[1] * len(ids) for ids in input_ids], 0)
-        return {
+        batch = {
             "input_ids": self._pad(input_ids, self.pad_token_id),
             "attention_mask": attention_mask,
             # Real tokens count from 0 whichever side is padded: prefix keys carry no position, so a
             # shifted query position would change what it reads from the prefix.
             "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
-            "labels": self._pad(labels, IGNORE_INDEX),
+            "labels": labels,
         }
+        if self.with_target_index:
+            batch["target_index"] = target_index(labels)
+        return batch
 
     def _pad(self, rows: list, value: int) -> torch.Tensor:
         length = max(len(row) for row in rows)
@@ -299,7 +312,8 @@ class PaddingFreeCollator:
     ``glmtune.attention`` keeps every token's attention inside its own sample: the same function as the
     padded batch, without computing the padding. Each sample's first label becomes -100 so that the
     previous sample's last token does not learn to predict it (in a padded batch nothing predicts position
-    0 either); the loss and its token count are therefore those of the padded batch.
+    0 either); the loss and its token count are therefore those of the padded batch. Batches carry
+    :func:`target_index` (this collator is for training only).
     """
 
     def __call__(self, features: list) -> dict:
@@ -312,10 +326,12 @@ class PaddingFreeCollator:
             boundaries.append(boundaries[-1] + length)
         longest = max(end - start for start, end in zip(boundaries, boundaries[1:]))
         cu_seq_lens = torch.tensor(boundaries, dtype=torch.int32)
+        labels = torch.tensor([labels], dtype=torch.long)
         return {
             "input_ids": torch.tensor([input_ids], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
+            "labels": labels,
+            "target_index": target_index(labels),
             "cu_seq_lens_q": cu_seq_lens,
             "cu_seq_lens_k": cu_seq_lens,
             "max_length_q": longest,

@@ -7,8 +7,8 @@ plus float32 copies of the inputs kept for backward. On a bf16 6B model at 8 x 5
 more time than the base's own matrix products did for P-Tuning v2 (docs/benchmarks.md).
 
 Here the branch runs as mixed precision does: the float32 LoRA weights (which the optimizer updates)
-are cast to the base's dtype for the product, and ``addmm`` adds ``(dropout(x) A^T s) B^T`` to the
-base output in the product's epilogue. Same parameters, same dropout draws, same function; with a
+are cast to the base's dtype for the product, and ``addmm_`` adds ``(dropout(x) A^T s) B^T`` to the
+base output, in place, in the product's epilogue. Same parameters, same dropout draws, same function; with a
 float32 base it is PEFT's computation, in bf16 it differs by bf16 rounding only.
 """
 
@@ -43,10 +43,10 @@ def _forward_in_base_dtype(self, x: torch.Tensor, *args, **kwargs) -> torch.Tens
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     dtype = result.dtype
+    # In place: the base product is not kept for backward, and an out-of-place addmm first copies it whole.
+    flat = result.view(-1, result.shape[-1])
     for name in active:
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         low_rank = F.linear(self.lora_dropout[name](x.to(dtype)), lora_A.weight.to(dtype)) * self.scaling[name]
-        flat = torch.addmm(result.reshape(-1, result.shape[-1]), low_rank.reshape(-1, low_rank.shape[-1]),
-                           lora_B.weight.to(dtype).t())
-        result = flat.view(result.shape)
+        flat.addmm_(low_rank.reshape(-1, low_rank.shape[-1]), lora_B.weight.to(dtype).t())
     return result

@@ -50,11 +50,17 @@ class TargetTokenLoss:
         finally:
             handle.remove()
 
-    def __call__(self, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    def __call__(self, labels: torch.Tensor, num_items_in_batch=None, target_index=None) -> torch.Tensor:
+        """``target_index``: the flat positions whose next token is a target, if the collator computed them
+        (``glmtune.data.target_index``); finding them here from ``labels`` costs two host syncs."""
         hidden, self.hidden = self.hidden, None
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        selected, targets = hidden[:, :-1][keep], targets[keep]
+        if target_index is None:
+            targets = labels[:, 1:]
+            keep = targets != IGNORE_INDEX
+            selected, targets = hidden[:, :-1][keep], targets[keep]
+        else:
+            selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)
+            targets = labels.reshape(-1).index_select(0, target_index + 1)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), CHUNK_TOKENS):
             chunk = slice(start, start + CHUNK_TOKENS)

@@ -40,18 +40,30 @@ class GlmtuneTrainer(Seq2SeqTrainer):
         self.target_loss = TargetTokenLoss(causal_lm) if use_target_loss else None
         if zero3 and is_prefix_tuned(self.model):
             _gather_prefix_embedding_in_forward(self.model.prefix_encoder)
+        # Trainer applies --logging_nan_inf_filter with bool(torch.isnan(loss)): a host sync after every
+        # backward that idled the GPU for the host's whole optimizer-step and next-batch work (~10 ms a step
+        # on an H100). training_step applies the same filter on the device instead.
+        self.filter_nan_inf_losses, self.args.logging_nan_inf_filter = self.args.logging_nan_inf_filter, False
 
     # ------------------------------------------------------------------ loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.filter_nan_inf_losses:  # a nan/inf step counts as the average of the steps logged so far (as Trainer)
+            steps_since_log = 1 + self.state.global_step - self._globalstep_last_logged
+            loss = torch.where(torch.isfinite(loss), loss, self._tr_loss / steps_since_log)
+        return loss
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Training steps use the target-token loss (glmtune.loss); evaluation keeps transformers' own."""
+        inputs = dict(inputs)
+        target_index = inputs.pop("target_index", None)  # from the training collators (glmtune.data.target_index)
         if return_outputs or self.target_loss is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        inputs = dict(inputs)
         labels = inputs.pop("labels")
         with self.target_loss.capture():
             model(**inputs, logits_to_keep=1, use_cache=False)  # logits for one position only: the head runs in the loss
-        loss = self.target_loss(labels, num_items_in_batch)
+        loss = self.target_loss(labels, num_items_in_batch, target_index)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # num_items_in_batch counts every process's targets
         return loss

@@ -110,7 +110,8 @@ def build_trainer(config: RunConfig, model, tokenizer, datasets: dict, prompt_fo
         train_dataset=datasets.get("train"),
         eval_dataset=datasets.get("eval"),
         processing_class=tokenizer,
-        data_collator=PaddingFreeCollator() if config.run.padding_free else Collator(tokenizer.pad_token_id, "right"),
+        data_collator=(PaddingFreeCollator() if config.run.padding_free
+                       else Collator(tokenizer.pad_token_id, "right", with_target_index=True)),
         eval_collator=Collator(tokenizer.pad_token_id, "left" if generating else "right"),
         compute_metrics=ComputeMetrics(tokenizer) if generating else None,
         generate_kwargs=generate_kwargs,

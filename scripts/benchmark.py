@@ -3,17 +3,19 @@
     python scripts/benchmark.py                 # ChatGLM3-6B-shaped GLM, random weights, all rows (H100: ~10 min)
     python scripts/benchmark.py --rows train    # or: eval, or a comma list of row names (see ROWS)
     python scripts/benchmark.py --tiny          # a 2-layer model, to check the script itself (CPU works)
-    python scripts/benchmark.py --rows pt-bf16-throughput+compile --batches 8,16 --profile out/   # micro-batch search, kernel table
+    python scripts/benchmark.py --rows pt-bf16-throughput --batches 8,16 --profile out/   # micro-batch search, kernel table
 
 Both sides run the same model folder, the same synthetic samples and the same step counts, in one
-process, one row after another. glmtune's side is its real code path (load_base_model,
-add_prefix_encoder / add_lora, Collator, GlmtuneTrainer); the naive side is what a user writes with
+process, one row after another. glmtune's side is its real code path with train.sh's defaults on a GPU
+(load_base_model, add_prefix_encoder / add_lora, padding-free batches, compiled decoder layers for
+bf16 bases, the target-token loss, GlmtuneTrainer); the naive side is what a user writes with
 transformers + PEFT: PrefixTuningConfig / LoraConfig, Trainer defaults, every sample padded to the
 maximum length, prepare_model_for_kbit_training for 8/4-bit bases. PEFT's prefix tuning refuses gradient
 checkpointing, so its rows run without it. MFU counts 4 x (parameters outside the input embedding)
 FLOP per real (non-padding) token, against 800 TFLOP/s (H100 bf16 dense); recomputation is not counted.
 Tokens are counted in the batches the timed steps actually trained on (the Trainer shuffles). Every row
-draws its adapter initialisation from the same seed, so rows of one method end at comparable losses.
+draws its adapter initialisation from the same seed. Both sides log the loss once, when the timed
+steps end (a logged loss is a host sync), and the timer synchronizes only at the window's edges.
 """
 
 import argparse
@@ -59,9 +61,6 @@ ROWS = [  # name: method, quantization bits, setting
     ("lora-bf16-recipe", "lora", None, "recipe"), ("lora-bf16-throughput", "lora", None, "throughput"),
     ("lora-int8-recipe", "lora", 8, "recipe"),
     ("lora-int4-recipe", "lora", 4, "recipe"), ("lora-int4-throughput", "lora", 4, "throughput"),
-    # glmtune only: the same rows with --compile_layers
-    ("pt-bf16-throughput+compile", "ptuning", None, "throughput"), ("lora-bf16-throughput+compile", "lora", None, "throughput"),
-    ("pt-bf16-recipe+compile", "ptuning", None, "recipe"),
 ]
 PRE_SEQ_LEN = 128
 
@@ -304,14 +303,19 @@ def run_glmtune(folder, row, method, bits, setting, args) -> Result:
         model = add_lora(model, LoraArguments(lora_rank=8, lora_alpha=32, lora_dropout=0.0, lora_target="all"))
     if args.padding_free:  # as train.sh on a CUDA GPU (glmtune.workflow.padding_free)
         use_glmtune_attention(model)
-    if row.endswith("+compile"):
+    if compiled(args, bits):
         compile_decoder_layers(model)
     steps = total_steps(args, "glmtune")
     samples = synthetic_samples(steps * setting["batch"], setting, model.config.vocab_size)
-    collator = PaddingFreeCollator() if args.padding_free else Collator(0, "right")
+    collator = PaddingFreeCollator() if args.padding_free else Collator(0, "right", with_target_index=True)
     trainer = GlmtuneTrainer(model=model, args=training_args(args.scratch, setting, steps, args.warmup + args.steps, True),
                              train_dataset=samples, data_collator=collator)
     return measure(trainer, setting, args, row, "glmtune", _precision(bits), flops_per_token(folder))
+
+
+def compiled(args, bits) -> bool:
+    """--compile_layers as train.sh defaults it (glmtune.parsing): on for bf16/fp16 bases on a GPU."""
+    return args.compile_layers if args.compile_layers is not None else (bits is None and torch.cuda.is_available())
 
 
 def run_naive(folder, row, method, bits, setting, args) -> Result:
@@ -387,12 +391,12 @@ def free_memory() -> None:
 
 
 def print_table(results: list) -> None:
-    naive = {(r.row.split("+")[0], r.shape): r for r in results if r.impl == "naive"}
+    naive = {(r.row, r.shape): r for r in results if r.impl == "naive"}
     single = next((r for r in results if r.impl == "one at a time"), None)
     print("\n| row | impl | precision | batch x len | tokens/s | samples/s | peak GiB | MFU | vs naive (speed, memory) | mean loss |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        base = naive.get((r.row.split("+")[0], r.shape)) if r.impl == "glmtune" else (single if r.impl == "glmtune batched" else None)
+        base = naive.get((r.row, r.shape)) if r.impl == "glmtune" else (single if r.impl == "glmtune batched" else None)
         ratio = f"{r.tokens_per_s / base.tokens_per_s:.2f}x" if base else ""
         if base and r.impl == "glmtune":
             ratio += f", {r.peak_gib / base.peak_gib:.2f}x"
@@ -414,10 +418,12 @@ def main() -> None:
     parser.add_argument("--single_prompts", type=int, default=16)
     parser.add_argument("--batches", default="8", help="micro-batch sizes of the throughput rows (a comma list: a search)")
     parser.add_argument("--profile", default=None, help="folder: profile 2 steps after the timed ones of glmtune rows")
+    parser.add_argument("--compile_layers", action=argparse.BooleanOptionalAction, default=None,
+                        help="glmtune rows: compiled decoder layers (default as train.sh: on for bf16 bases on a GPU)")
     parser.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=True,
                         help="glmtune rows: padding-free batches, as train.sh on a GPU (--no-padding_free: padded)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, to check this script")
-    parser.add_argument("--json", default=None, help="also write the results as JSON lines here")
+    parser.add_argument("--json", default=None, help="also append the results here, a JSON line per row as it ends")
     args = parser.parse_args()
     shape = TINY if args.tiny else CHATGLM3_6B
     ensure_model(args.model, shape)
@@ -429,13 +435,12 @@ def main() -> None:
             continue
         batches = [int(b) for b in args.batches.split(",")] if setting_name == "throughput" else [SETTINGS[setting_name]["batch"]]
         for batch, impl in [(b, i) for b in batches for i in impls]:
-            if impl == "naive" and name.endswith("+compile"):
-                continue
             runner = run_glmtune if impl == "glmtune" else run_naive
             started = time.perf_counter()
             try:
                 results.append(runner(args.model, name, method, bits, {**SETTINGS[setting_name], "batch": batch}, args))
                 print(results[-1], f"({time.perf_counter() - started:.0f} s)", flush=True)
+                save_json(args.json, results[-1])
             except torch.OutOfMemoryError:
                 print(f"{name} {impl} micro-batch {batch}: out of memory", flush=True)
             except Exception:  # one broken row must not cost the others' measurements (GPU time is scarce)
@@ -444,10 +449,16 @@ def main() -> None:
             free_memory()
     if args.rows in ("all", "eval"):
         results += run_generation(args.model, args)
+        for result in results[-2:]:
+            save_json(args.json, result)
     print_table(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.writelines(json.dumps(r.__dict__) + "\n" for r in results)
+
+
+def save_json(path: str | None, result: Result) -> None:
+    """One JSON line per row as soon as it is measured: a run cut short keeps what it measured."""
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(result.__dict__) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The target-token loss equals transformers' loss, value and gradients, and trains to the same curve."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 import glmtune.loss
 from glmtune.adapters import add_lora, add_prefix_encoder
 from glmtune.arguments import LoraArguments, PtuningArguments
+from glmtune.data import target_index
 from glmtune.loss import TargetTokenLoss
 from test_trainer import run, train_flags
 
@@ -36,7 +38,9 @@ def batch(tokenizer):
 
 @pytest.mark.parametrize("method", ["ptuning", "lora"])
 @pytest.mark.parametrize("num_items", [None, 37])
-def test_value_and_gradients_equal_transformers_loss(model, tokenizer, monkeypatch, method, num_items):
+@pytest.mark.parametrize("index_from_collator", [False, True])
+def test_value_and_gradients_equal_transformers_loss(model, tokenizer, monkeypatch, method, num_items, index_from_collator):
+    """Also with the target positions handed over by the collator (glmtune.data.target_index: no host sync)."""
     monkeypatch.setattr(glmtune.loss, "CHUNK_TOKENS", 5)  # several chunks, the last one partial
     model = adapted(model, method).train()
     inputs, labels = batch(tokenizer)
@@ -50,7 +54,7 @@ def test_value_and_gradients_equal_transformers_loss(model, tokenizer, monkeypat
     loss_fn = TargetTokenLoss(causal_lm)
     with loss_fn.capture():
         model(**inputs, logits_to_keep=1)
-    loss = loss_fn(labels, num_items)
+    loss = loss_fn(labels, num_items, target_index(labels) if index_from_collator else None)
     loss.backward()
     torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-6)
     for name, grad in expected.items():
@@ -89,7 +93,7 @@ def test_compiled_layers_give_the_same_loss_and_gradients(model, tokenizer):
                                atol=1e-6, rtol=1e-5)
 
 
-def train_curve(model, tokenizer, tmp_path, steps=8, collator=None) -> list:
+def train_curve(model, tokenizer, tmp_path, steps=8, collator=None, callbacks=None, **training_args) -> list:
     """AdamW steps of GlmtuneTrainer on batches of two samples (right-padded unless ``collator``); the logged losses."""
     from transformers import Seq2SeqTrainingArguments
 
@@ -102,11 +106,30 @@ def train_curve(model, tokenizer, tmp_path, steps=8, collator=None) -> list:
     args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=steps,
                                     learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
                                     use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
-                                    label_names=["labels"], seed=5)
-    trainer = GlmtuneTrainer(model=model, args=args, train_dataset=samples,
+                                    label_names=["labels"], seed=5, **training_args)
+    trainer = GlmtuneTrainer(model=model, args=args, train_dataset=samples, callbacks=callbacks,
                              data_collator=collator or Collator(tokenizer.pad_token_id, "right"))
     trainer.train()
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+@pytest.mark.parametrize("nan_filter", [True, False])
+def test_nan_losses_are_filtered_as_trainer_does(model, tokenizer, tmp_path, nan_filter):
+    """--logging_nan_inf_filter, applied on the device by GlmtuneTrainer (Trainer's own check syncs every
+    step): once the loss turns nan, a logged step counts as the average of the steps since the last log,
+    which is 0 here (one step per log), exactly what Trainer logs; without the filter the nan shows."""
+    from transformers import TrainerCallback
+
+    class PoisonAfterTwoSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    run.prefix_encoder.embedding.weight.fill_(float("nan"))
+
+    run = adapted(model, "ptuning")
+    curve = train_curve(run, tokenizer, tmp_path, steps=4, callbacks=[PoisonAfterTwoSteps()], logging_nan_inf_filter=nan_filter)
+    assert all(math.isfinite(loss) and loss > 1 for loss in curve[:2])
+    assert curve[2:] == [0.0, 0.0] if nan_filter else all(math.isnan(loss) for loss in curve[2:])
 
 
 @pytest.mark.gpu

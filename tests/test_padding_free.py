@@ -30,6 +30,8 @@ def test_collator_puts_samples_back_to_back():
     assert [labels[i] for i in (0, 7, 10)] == [-100, -100, -100]
     assert sum(t != -100 for t in labels[1:]) == sum(t != -100 for s in SAMPLES for t in s["labels"][1:])
     assert "attention_mask" not in batch
+    follows_target = [i for i in range(len(labels) - 1) if labels[i + 1] != -100]
+    assert batch["target_index"].tolist() == follows_target
 
 
 def padded_and_padding_free_runs(model, method, target_token_loss):
@@ -40,12 +42,12 @@ def padded_and_padding_free_runs(model, method, target_token_loss):
         run = adapted(copy.deepcopy(model), method).train()
         use_glmtune_attention(run)
         inputs = collate(SAMPLES)
-        labels = inputs.pop("labels")
+        labels, index = inputs.pop("labels"), inputs.pop("target_index", None)
         if target_token_loss:
             loss_fn = TargetTokenLoss(run.get_base_model() if method == "lora" else run)
             with loss_fn.capture():
                 run(**inputs, logits_to_keep=1)
-            loss = loss_fn(labels)
+            loss = loss_fn(labels, target_index=index)
         else:
             loss = run(**inputs, labels=labels).loss
         loss.backward()
@@ -70,7 +72,7 @@ def test_samples_do_not_see_each_other(model):
     changed = copy.deepcopy(SAMPLES)
     changed[1]["input_ids"] = [30, 31, 32]
     with torch.no_grad():
-        logits = [run(**{k: v for k, v in PaddingFreeCollator()(s).items() if k != "labels"}).logits[0]
+        logits = [run(**{k: v for k, v in PaddingFreeCollator()(s).items() if k not in ("labels", "target_index")}).logits[0]
                   for s in (SAMPLES, changed)]
     torch.testing.assert_close(logits[1][:7], logits[0][:7])
     torch.testing.assert_close(logits[1][10:], logits[0][10:])
