@@ -407,7 +407,7 @@ def print_table(results: list) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="all", help="all, train, eval, or a comma list of row names")
+    parser.add_argument("--rows", default="all", help="all, train, eval, or a comma list of row names (ROWS, and generate: the evaluation rows), run in that order")
     parser.add_argument("--impl", default="glmtune,naive", help="which implementations to run")
     parser.add_argument("--model", default="/tmp/glmtune-bench/chatglm3-6b-shaped", help="model folder (built if missing)")
     parser.add_argument("--scratch", default="/tmp/glmtune-bench/scratch")
@@ -430,7 +430,20 @@ def main() -> None:
     wanted = [name for name, *_ in ROWS] if args.rows in ("all", "train") else args.rows.split(",")  # in this order
     impls = args.impl.split(",")
     results = []
-    for name, method, bits, setting_name in sorted((r for r in ROWS if r[0] in wanted), key=lambda r: wanted.index(r[0])):
+    if args.rows == "eval":
+        wanted = ["generate"]
+    elif args.rows == "all":
+        wanted.append("generate")
+    rows = {row[0]: row for row in ROWS + [("generate", None, None, None)]}
+    unknown = [name for name in wanted if name not in rows]
+    if unknown:
+        parser.error(f"unknown rows {', '.join(unknown)}; known: {', '.join(rows)}")
+    for name, method, bits, setting_name in (rows[name] for name in wanted):  # in the order asked for
+        if name == "generate":  # where the list puts it: a run cut short keeps the rows before it
+            results += run_generation(args.model, args)
+            for result in results[-2:]:
+                save_json(args.json, result)
+            continue
         if bits and not torch.cuda.is_available():
             continue
         batches = [int(b) for b in args.batches.split(",")] if setting_name == "throughput" else [SETTINGS[setting_name]["batch"]]
@@ -447,10 +460,6 @@ def main() -> None:
                 traceback.print_exc()
                 print(f"{name} {impl} micro-batch {batch}: failed (traceback above)", flush=True)
             free_memory()
-    if args.rows in ("all", "eval"):
-        results += run_generation(args.model, args)
-        for result in results[-2:]:
-            save_json(args.json, result)
     print_table(results)
 
 
