@@ -345,6 +345,10 @@ def _fill_defaults(config: RunConfig) -> None:
                                      and zero_stage(training) != 3)  # ZeRO-3: see _distributed_problems
     if config.run.padding_free is None and not (training.do_train and _cuda_available() and config.model.torch_dtype != "float32"):
         config.run.padding_free = False  # otherwise decided with the model loaded (glmtune.workflow.padding_free)
+    if _cuda_available() and training.dataloader_pin_memory:
+        # accelerate copies each batch to the GPU with non_blocking=False by default: a stream sync per tensor,
+        # which drained the GPU's queue before every step's forward. From pinned memory the copy can be async.
+        training.accelerator_config.non_blocking = True
     if not _cuda_available():
         training.dataloader_pin_memory = False  # pinning only helps copies to a GPU (and warns without one)
         # accelerate calls a CPU process's device 'cpu:0', which torch.load cannot map a checkpoint to: resuming

@@ -263,7 +263,8 @@ def training_args(output_dir: str, setting: dict, steps: int, logging_steps: int
     extra = {}
     if glmtune:
         extra = dict(gradient_checkpointing=setting["checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
-                     remove_unused_columns=False, label_names=["labels"])
+                     remove_unused_columns=False, label_names=["labels"],
+                     accelerator_config={"non_blocking": torch.cuda.is_available()})  # as glmtune.parsing sets them
     return Seq2SeqTrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=setting["batch"], max_steps=steps, learning_rate=1e-4,
         report_to="none", save_strategy="no", logging_steps=logging_steps, disable_tqdm=True, dataloader_num_workers=0,
