@@ -223,9 +223,11 @@ class GlmtuneTrainer(Seq2SeqTrainer):
 
 @contextlib.contextmanager
 def _train_mode_kept(model):
-    """Trainer.training_step calls ``model.train()`` every step, a Python walk over every submodule. A model
-    already in training mode (Trainer switches it to eval for evaluation, and back) skips that walk."""
-    if not model.training:
+    """Trainer.training_step calls ``model.train()`` every step, a walk that sets ``training`` on every
+    submodule through ``nn.Module.__setattr__`` (slow Python). When every submodule is in training mode
+    already, reading the flags is enough. All of them, not the top one: a PEFT wrapper is created in
+    training mode around a base that from_pretrained left in eval mode."""
+    if not all(module.training for module in model.modules()):
         yield
         return
     model.train = lambda mode=True: model if mode else type(model).train(model, mode)

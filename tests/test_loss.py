@@ -132,6 +132,28 @@ def test_nan_losses_are_filtered_as_trainer_does(model, tokenizer, tmp_path, nan
     assert curve[2:] == [0.0, 0.0] if nan_filter else all(math.isnan(loss) for loss in curve[2:])
 
 
+@pytest.mark.parametrize("method", ["ptuning", "lora"])
+def test_every_layer_trains_in_every_step(model, tokenizer, tmp_path, method):
+    """GlmtuneTrainer skips Trainer's per-step model.train() walk only when every submodule is in training
+    mode: a PEFT wrapper starts in training mode around a base from_pretrained left in eval mode, and its
+    layers must still train (dropout, gradient checkpointing), also after an evaluation switched them off."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class EvaluateAfterTwoSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                run.eval()  # as Trainer's evaluation loop leaves it
+
+    run = adapted(model, method)
+    assert not model.model.layers[0].training  # from_pretrained's eval mode
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    train_curve(run, tokenizer, tmp_path, steps=4, callbacks=[EvaluateAfterTwoSteps()])
+    assert len(seen) == 4 * len(model.model.layers) and all(seen)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fast path's kernels need a CUDA GPU")
 @pytest.mark.parametrize("method", ["ptuning", "lora"])
