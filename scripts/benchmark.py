@@ -268,6 +268,7 @@ def training_args(output_dir: str, setting: dict, steps: int, logging_steps: int
     return Seq2SeqTrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=setting["batch"], max_steps=steps, learning_rate=1e-4,
         report_to="none", save_strategy="no", logging_steps=logging_steps, disable_tqdm=True, dataloader_num_workers=0,
+        lr_scheduler_type="constant",  # the same learning rates whatever the number of steps (profiling adds two)
         use_cpu=not torch.cuda.is_available(), **extra,
     )
 
@@ -286,6 +287,12 @@ def measure(trainer, setting: dict, args, row, impl, precision, n_flops) -> Resu
     tokens_per_s = tokens / seconds
     return Result(row, impl, precision, f"{setting['batch']}x{setting['source'][1] + setting['target'][1]}",
                   tokens_per_s, samples / seconds, peak, tokens_per_s * n_flops / PEAK_FLOPS, losses[0], losses)
+
+
+def sample_count(args, setting: dict) -> int:
+    """As many samples whether or not glmtune's rows profile two more steps, so both sides (and a profiled
+    and an unprofiled run) train the timed steps on the same samples in the same order."""
+    return (args.warmup + args.steps + PROFILED_STEPS) * setting["batch"]
 
 
 def total_steps(args, impl: str) -> int:
@@ -307,7 +314,7 @@ def run_glmtune(folder, row, method, bits, setting, args) -> Result:
     if compiled(args, bits):
         compile_decoder_layers(model)
     steps = total_steps(args, "glmtune")
-    samples = synthetic_samples(steps * setting["batch"], setting, model.config.vocab_size)
+    samples = synthetic_samples(sample_count(args, setting), setting, model.config.vocab_size)
     collator = PaddingFreeCollator() if args.padding_free else Collator(0, "right", with_target_index=True)
     trainer = GlmtuneTrainer(model=model, args=training_args(args.scratch, setting, steps, args.warmup + args.steps, True),
                              train_dataset=samples, data_collator=collator)
@@ -340,7 +347,7 @@ def run_naive(folder, row, method, bits, setting, args) -> Result:
     torch.manual_seed(0)
     model = get_peft_model(model, config)
     steps = total_steps(args, "naive")
-    samples = synthetic_samples(steps * setting["batch"], setting, model.config.vocab_size)
+    samples = synthetic_samples(sample_count(args, setting), setting, model.config.vocab_size)
     padded = pad_to_max(samples, setting["source"][1] + setting["target"][1])
     train_args = training_args(args.scratch, {**setting, "checkpointing": False}, steps, args.warmup + args.steps, False)
     trainer = Trainer(model=model, args=train_args, train_dataset=padded, data_collator=default_data_collator)
@@ -426,8 +433,6 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, to check this script")
     parser.add_argument("--json", default=None, help="also append the results here, a JSON line per row as it ends")
     args = parser.parse_args()
-    shape = TINY if args.tiny else CHATGLM3_6B
-    ensure_model(args.model, shape)
     wanted = [name for name, *_ in ROWS] if args.rows in ("all", "train") else args.rows.split(",")  # in this order
     impls = args.impl.split(",")
     results = []
@@ -439,6 +444,7 @@ def main() -> None:
     unknown = [name for name in wanted if name not in rows]
     if unknown:
         parser.error(f"unknown rows {', '.join(unknown)}; known: {', '.join(rows)}")
+    ensure_model(args.model, TINY if args.tiny else CHATGLM3_6B)
     for name, method, bits, setting_name in (rows[name] for name in wanted):  # in the order asked for
         if name == "generate":  # where the list puts it: a run cut short keeps the rows before it
             results += run_generation(args.model, args)
