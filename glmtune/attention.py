@@ -201,7 +201,9 @@ def register_attention() -> None:
 
 def use_glmtune_attention(model) -> None:
     """Switch a model (or a PEFT wrapper's base) from SDPA to glmtune's attention; other choices are kept."""
+    from glmtune.model import base_causal_lm
+
     register_attention()
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = base_causal_lm(model)
     if causal_lm.config._attn_implementation == "sdpa":  # ours falls back to SDPA where no prefix is attached
         causal_lm.set_attn_implementation(ATTENTION_NAME)

@@ -103,6 +103,11 @@ def load_base_model(model_args: ModelArguments):
     return model
 
 
+def base_causal_lm(model):
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def compile_decoder_layers(model) -> None:
     """The fast training path: glmtune's attention, LoRA in the base dtype, each decoder layer compiled.
 
@@ -118,6 +123,5 @@ def compile_decoder_layers(model) -> None:
 
     use_glmtune_attention(model)
     lora_in_base_dtype(model)
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for layer in causal_lm.get_decoder().layers:
+    for layer in base_causal_lm(model).get_decoder().layers:
         layer.compile(dynamic=True)

@@ -23,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from glmtune.adapters import is_prefix_tuned, load_prefix_weights, save_prefix_checkpoint
 from glmtune.loss import TargetTokenLoss
 from glmtune.metrics import blank_stop_tokens, decode_texts
+from glmtune.model import base_causal_lm
 
 PREDICTIONS_FILE = "generated_predictions.txt"
 
@@ -32,7 +33,7 @@ class GlmtuneTrainer(Seq2SeqTrainer):
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator or self.data_collator
         self.generate_kwargs = generate_kwargs or {}
-        causal_lm = _causal_lm(self.model)
+        causal_lm = base_causal_lm(self.model)
         # ZeRO-3 gathers a weight only inside its module's forward; the target-token loss reads the output
         # head's weight after the model's forward, so under ZeRO-3 transformers' own loss is used.
         zero3 = is_deepspeed_zero3_enabled()
@@ -251,7 +252,3 @@ def _gather_prefix_embedding_in_forward(encoder) -> None:
 
     deepspeed.zero.register_external_parameter(encoder, encoder.embedding.weight)
 
-
-def _causal_lm(model):
-    """The transformers model inside a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -15,7 +15,7 @@ from glmtune.attention import supports_padding_free, use_glmtune_attention
 from glmtune.data import Collator, PaddingFreeCollator, load_split, tokenize
 from glmtune.errors import GlmtuneError
 from glmtune.metrics import ComputeMetrics
-from glmtune.model import compile_decoder_layers, load_base_model, load_tokenizer
+from glmtune.model import base_causal_lm, compile_decoder_layers, load_base_model, load_tokenizer
 from glmtune.parsing import RunConfig
 from glmtune.prompt import PromptFormat
 from glmtune.trainer import GlmtuneTrainer
@@ -85,7 +85,7 @@ def attach_method(config: RunConfig, model):
 def padding_free(config: RunConfig, model) -> bool:
     """--padding_free as given or by default (glmtune.parsing leaves ``None`` where it applies), checked
     against the model; when on, the model runs glmtune's attention, which keeps the samples apart."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = base_causal_lm(model)
     supported = supports_padding_free(causal_lm)
     wanted = config.run.padding_free
     if wanted and not supported:
