@@ -207,3 +207,21 @@ def use_glmtune_attention(model) -> None:
     causal_lm = base_causal_lm(model)
     if causal_lm.config._attn_implementation == "sdpa":  # ours falls back to SDPA where no prefix is attached
         causal_lm.set_attn_implementation(ATTENTION_NAME)
+    decoder = causal_lm.base_model
+    if type(decoder).__module__.startswith("transformers.") and not hasattr(decoder, "_glmtune_mask_hook"):
+        decoder._glmtune_mask_hook = decoder.register_forward_pre_hook(_no_mask_for_padding_free, with_kwargs=True)
+
+
+def _no_mask_for_padding_free(decoder, args, kwargs):
+    """Hand transformers' decoder an empty, "already prepared" 4-D mask for a padding-free batch.
+
+    Given positions and no mask, transformers looks for packed samples in the positions (a host sync in
+    every forward: ``find_packed_sequence_indices``) and builds a block-diagonal mask over the whole row,
+    which glmtune's attention never reads: it keeps the samples apart with ``cu_seq_lens_q``. A 4-D mask
+    is passed down untouched; an empty one fails loudly should any other attention try to use it."""
+    if (kwargs.get("cu_seq_lens_q") is None or kwargs.get("attention_mask") is not None
+            or decoder.config._attn_implementation != ATTENTION_NAME):
+        return None
+    tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+    kwargs["attention_mask"] = torch.empty((1, 1, 0, 0), dtype=torch.bool, device=tokens.device)
+    return args, kwargs

@@ -79,6 +79,30 @@ def test_samples_do_not_see_each_other(model):
     assert not torch.allclose(logits[1][7:10], logits[0][7:10])
 
 
+def test_no_search_for_packed_samples(model, monkeypatch):
+    """Given positions and no mask, transformers searches the positions for packed samples (a host sync in
+    every forward) to build a block-diagonal mask. glmtune's attention keeps the samples apart itself, so
+    the search does not run; the loss equals that of transformers' own packed-sample mask under SDPA."""
+    import transformers.masking_utils as masking
+
+    searches = []
+    search = masking.find_packed_sequence_indices
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda positions: searches.append(1) or search(positions))
+    inputs = PaddingFreeCollator()(SAMPLES)
+    inputs.pop("target_index")
+    losses = []
+    for glmtune_attention in (False, True):
+        torch.manual_seed(0)
+        run = adapted(copy.deepcopy(model), "lora")
+        if glmtune_attention:
+            use_glmtune_attention(run)
+        with torch.no_grad():
+            losses.append(run(**inputs, use_cache=False).loss)  # as in training (with a cache: no search)
+        assert len(searches) == (0 if glmtune_attention else 1)
+        searches.clear()
+    torch.testing.assert_close(losses[1], losses[0], atol=0, rtol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the variable-length flash kernel needs a CUDA GPU")
 @pytest.mark.parametrize("pre_seq_len", [16, 0])
