@@ -444,6 +444,7 @@ def main() -> None:
     unknown = [name for name in wanted if name not in rows]
     if unknown:
         parser.error(f"unknown rows {', '.join(unknown)}; known: {', '.join(rows)}")
+    print(environment(), flush=True)
     ensure_model(args.model, TINY if args.tiny else CHATGLM3_6B)
     for name, method, bits, setting_name in (rows[name] for name in wanted):  # in the order asked for
         if name == "generate":  # where the list puts it: a run cut short keeps the rows before it
@@ -468,6 +469,22 @@ def main() -> None:
                 print(f"{name} {impl} micro-batch {batch}: failed (traceback above)", flush=True)
             free_memory()
     print_table(results)
+
+
+def environment() -> str:
+    """The device and library versions, printed first: every recorded table needs them."""
+    import peft
+    import transformers
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    versions = [f"torch {torch.__version__}", f"transformers {transformers.__version__}", f"peft {peft.__version__}"]
+    try:
+        import bitsandbytes
+
+        versions.append(f"bitsandbytes {bitsandbytes.__version__}")
+    except ImportError:
+        versions.append("no bitsandbytes")
+    return f"device: {device}; " + ", ".join(versions)
 
 
 def save_json(path: str | None, result: Result) -> None:

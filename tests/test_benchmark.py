@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,8 @@ def test_tiny_benchmark_measures_both_sides_of_each_row(tmp_path):
     for glmtune, naive in zip(training[::2], training[1::2]):
         # the same samples in the same order, the same initialisation: the mean losses agree (float32 on CPU)
         assert glmtune["loss"] == pytest.approx(naive["loss"], rel=2e-3)
+    first_line = out.stdout.splitlines()[0]  # the device and versions, for the record
+    assert first_line.startswith("device: ") and f"torch {torch.__version__}, transformers " in first_line
     table = [line for line in out.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(results)  # header + one line per result
     assert "x," in table[1]  # glmtune's rows carry their ratio to the naive row
