@@ -21,6 +21,7 @@ steps end (a logged loss is a host sync), and the timer synchronizes only at the
 import argparse
 import gc
 import json
+import math
 import os
 import random
 import sys
@@ -277,16 +278,26 @@ def measure(trainer, setting: dict, args, row, impl, precision, n_flops) -> Resu
     timer = StepTimer(args.warmup, args.steps, args.profile if impl == "glmtune" else None, f"{row}-{setting['batch']}")
     trainer.add_callback(timer)
     counter = trainer.data_collator = TokenCounter(trainer.data_collator)
-    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    reset_peak_memory()
     trainer.train()
     timed = slice(args.warmup, args.warmup + args.steps)  # batch i is trained at step i + 1
     tokens, samples = sum(counter.tokens[timed]), sum(counter.samples[timed])
     seconds = timer.end - timer.start
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]  # one entry: the mean over the run's steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    peak = peak_memory_gib()
     tokens_per_s = tokens / seconds
     return Result(row, impl, precision, f"{setting['batch']}x{setting['source'][1] + setting['target'][1]}",
                   tokens_per_s, samples / seconds, peak, tokens_per_s * n_flops / PEAK_FLOPS, losses[0], losses)
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib() -> float:
+    """torch.cuda.max_memory_allocated since the last reset_peak_memory(); NaN (not measured) without CUDA."""
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
 def sample_count(args, setting: dict) -> int:
@@ -373,19 +384,21 @@ def run_generation(folder, args) -> list:
                                          use_cpu=not torch.cuda.is_available())
     trainer = GlmtuneTrainer(model=model, args=eval_args, data_collator=Collator(0, "left"), generate_kwargs=generate)
     trainer.predict(prompts[: args.eval_batch])  # warm-up
+    reset_peak_memory()
     start = time.perf_counter()
     trainer.predict(prompts)
-    batched = len(prompts) * 64 / (time.perf_counter() - start)
+    batched, batched_peak = len(prompts) * 64 / (time.perf_counter() - start), peak_memory_gib()
     single_prompts = prompts[: args.single_prompts]
     device = model.device
+    reset_peak_memory()
     start = time.perf_counter()
     for prompt in single_prompts:
         ids = torch.tensor([prompt["input_ids"]], device=device)
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **generate)
     single = len(single_prompts) * 64 / (time.perf_counter() - start)
     shape = f"{len(prompts)} prompts"
-    return [Result("generate", "glmtune batched", "bf16", f"{shape}, bs {args.eval_batch}", batched, batched / 64, float("nan"), 0, 0),
-            Result("generate", "one at a time", "bf16", f"{len(single_prompts)} prompts, bs 1", single, single / 64, float("nan"), 0, 0)]
+    return [Result("generate", "glmtune batched", "bf16", f"{shape}, bs {args.eval_batch}", batched, batched / 64, batched_peak, 0, float("nan")),
+            Result("generate", "one at a time", "bf16", f"{len(single_prompts)} prompts, bs 1", single, single / 64, peak_memory_gib(), 0, float("nan"))]
 
 
 # ----------------------------------------------------------------------------- main
@@ -406,11 +419,12 @@ def print_table(results: list) -> None:
     for r in results:
         base = naive.get((r.row, r.shape)) if r.impl == "glmtune" else (single if r.impl == "glmtune batched" else None)
         ratio = f"{r.tokens_per_s / base.tokens_per_s:.2f}x" if base else ""
-        if base and r.impl == "glmtune":
+        if base and r.impl == "glmtune" and not math.isnan(r.peak_gib):  # no memory figure without CUDA
             ratio += f", {r.peak_gib / base.peak_gib:.2f}x"
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu else ""
+        peak, loss = ("" if math.isnan(value) else f"{value:.{digits}f}" for value, digits in ((r.peak_gib, 2), (r.loss, 4)))
         print(f"| {r.row} | {r.impl} | {r.precision} | {r.shape} | {r.tokens_per_s:,.0f} | {r.samples_per_s:.2f} | "
-              f"{r.peak_gib:.2f} | {mfu} | {ratio} | {r.loss:.4f} |")
+              f"{peak} | {mfu} | {ratio} | {loss} |")
 
 
 def main() -> None:
