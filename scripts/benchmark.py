@@ -1,6 +1,6 @@
 """Training and evaluation speed and memory on one GPU: glmtune against the naive transformers + PEFT path.
 
-    python scripts/benchmark.py                 # ChatGLM3-6B-shaped GLM, random weights, all rows (H100: ~10 min)
+    python scripts/benchmark.py                 # ChatGLM3-6B-shaped GLM, random weights, all rows (H200: 7 min)
     python scripts/benchmark.py --rows train    # or: eval, or a comma list of row names (see ROWS)
     python scripts/benchmark.py --tiny          # a 2-layer model, to check the script itself (CPU works)
     python scripts/benchmark.py --rows pt-bf16-throughput --batches 8,16 --profile out/   # micro-batch search, kernel table
