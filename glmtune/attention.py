@@ -200,7 +200,8 @@ def register_attention() -> None:
 
 
 def use_glmtune_attention(model) -> None:
-    """Switch a model (or a PEFT wrapper's base) from SDPA to glmtune's attention; other choices are kept."""
+    """Switch a model (or a PEFT wrapper's base) from SDPA to glmtune's attention; other choices are kept.
+    transformers' decoders also get :func:`_no_mask_for_padding_free` (it acts on padding-free batches only)."""
     from glmtune.model import base_causal_lm
 
     register_attention()
