@@ -14,7 +14,12 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow
 DEV_ROWS = sum(1 for _ in open(REPO / "data" / "adgen-toy" / "dev.json", encoding="utf-8"))
-MARGIN = {"predict_bleu-4": 3.0, "predict_rouge-l": 5.0}  # measured on 2 cores: +8.1 / +11.6 (P-Tuning v2), +7.1 / +8.1 (LoRA)
+# Tuning must clearly beat the untuned base (an adapter that is not trained, saved or loaded gives +0).
+# The gains move with the library versions and the CPU's vector unit (the tiny base is built and trained
+# on the machine): measured on 2 cores, BLEU-4 / Rouge-L, 2026-11-23: +8.1 / +11.6 (P-Tuning v2), +7.1 / +8.1
+# (LoRA); 2026-11-30, the same code on a fresh setup: +7.2 / +9.2 (P-Tuning v2), +5.2 / +5.0 (LoRA), and with
+# ATEN_CPU_CAPABILITY=avx2 instead of AVX-512 LoRA's tuned Rouge-L moved from 17.97 to 17.66.
+MARGIN = {"predict_bleu-4": 3.0, "predict_rouge-l": 3.0}
 
 
 def bash(script: str, **env) -> None:
