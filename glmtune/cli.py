@@ -18,3 +18,15 @@ def main(method: str, argv=None) -> dict:
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group of a torchrun run while the interpreter is fully alive: left to the exit,
+    gloo's worker threads can abort the process (SIGABRT, "terminate called without an active exception";
+    seen once in CI after the last step of a 2-process run; cf. pytorch/pytorch#179291)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -148,6 +148,21 @@ def test_deepspeed_without_a_gpu_is_refused(tiny_model_dir, tmp_path, capsys):
     assert "--deepspeed" in error and ("needs CUDA GPUs" in error or "DeepSpeed, which is not installed" in error)
 
 
+def test_the_process_group_is_destroyed_when_a_run_ends(tiny_model_dir, tmp_path):
+    """Left to the interpreter's exit, gloo's threads can abort a torchrun worker after its last step."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(SystemExit):  # a refused run ends too
+            main("lora", ["--do_train", "--train_file", str(TOY_TRAIN), "--model_name_or_path", str(tiny_model_dir),
+                          "--output_dir", str(tmp_path / "out"), "--pre_seq_len", "4"])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("value", ["0", "two"])
 def test_the_scripts_refuse_a_bad_process_count(tiny_model_dir, tmp_path, value):
     env = {**os.environ, "NUM_GPUS": value, "MODEL": str(tiny_model_dir), "OUTPUT_DIR": str(tmp_path)}
