@@ -43,7 +43,7 @@ def write_json_atomic(path: str, data: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Score a generated_predictions.txt (ROUGE-1/2/L, BLEU-4).")
-    parser.add_argument("path", help="generated_predictions.txt: one {\"labels\": ..., \"predict\": ...} JSON per line")
+    parser.add_argument("path", help='generated_predictions.txt: one {"labels": ..., "predict": ...} JSON per line')
     parser.add_argument("--output", help="also write the scores to this JSON file")
     args = parser.parse_args(argv)
     try:

@@ -59,9 +59,14 @@ def add_prefix_encoder(model, args: PtuningArguments):
     if checkpoint:
         config = _checked_checkpoint_config(checkpoint, config, args, original_weights)
     encoder = PrefixEncoder(
-        config["pre_seq_len"], config["num_layers"], config["kv_heads"], config["head_dim"],
-        projection=config["prefix_projection"], embedding_dim=config["embedding_dim"],
-        hidden_size=config["prefix_hidden_size"], dropout=args.prefix_dropout,
+        config["pre_seq_len"],
+        config["num_layers"],
+        config["kv_heads"],
+        config["head_dim"],
+        projection=config["prefix_projection"],
+        embedding_dim=config["embedding_dim"],
+        hidden_size=config["prefix_hidden_size"],
+        dropout=args.prefix_dropout,
     ).to(device=model.device, dtype=torch.float32)  # trainable weights stay fp32 whatever the base dtype
     encoder.glmtune_config = config
     encoder.train(model.training)  # a new module starts in training mode; follow the model's
@@ -99,7 +104,10 @@ def _checked_checkpoint_config(checkpoint: str, expected: dict, args: PtuningArg
                 f"--ptuning_checkpoint {checkpoint} was trained with {key} {saved.get(key)}, but --{key} is {value}: "
                 f"use the training value (or leave the flag out to take it from the checkpoint)"
             )
-    return {**expected, **{key: saved[key] for key in ("pre_seq_len", "prefix_projection", "prefix_hidden_size", "embedding_dim")}}
+    return {
+        **expected,
+        **{key: saved[key] for key in ("pre_seq_len", "prefix_projection", "prefix_hidden_size", "embedding_dim")},
+    }
 
 
 def read_json(path: str, flag: str) -> dict:
@@ -119,8 +127,11 @@ def is_prefix_checkpoint(folder: str) -> bool:
 
 def _is_original_format(checkpoint: str) -> bool:
     """An ancestors' checkpoint: their pytorch_model.bin and none of glmtune's files."""
-    return (not os.path.isfile(os.path.join(checkpoint, PREFIX_CONFIG)) and prefix_format.has_original_prefix(checkpoint)
-            and not os.path.isfile(os.path.join(checkpoint, "adapter_config.json")))
+    return (
+        not os.path.isfile(os.path.join(checkpoint, PREFIX_CONFIG))
+        and prefix_format.has_original_prefix(checkpoint)
+        and not os.path.isfile(os.path.join(checkpoint, "adapter_config.json"))
+    )
 
 
 def save_prefix_checkpoint(model, output_dir: str) -> None:
@@ -175,8 +186,11 @@ def add_lora(model, args: LoraArguments):
             raise GlmtuneError(f"--lora_checkpoint {args.lora_checkpoint}: cannot load this adapter: {error}") from None
     else:
         config = LoraConfig(
-            task_type="CAUSAL_LM", r=args.lora_rank, lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout, target_modules=lora_targets(args.lora_target, model.config),
+            task_type="CAUSAL_LM",
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=lora_targets(args.lora_target, model.config),
         )
         try:
             model = get_peft_model(model, config)

@@ -62,7 +62,9 @@ class DataArguments:
     max_target_length: int = field(default=128, metadata={"help": "Answer tokens kept per training sample."})
     val_max_target_length: Optional[int] = field(
         default=None,
-        metadata={"help": "Answer tokens kept as evaluation labels, and new tokens generated. Default: max_target_length."},
+        metadata={
+            "help": "Answer tokens kept as evaluation labels, and new tokens generated. Default: max_target_length."
+        },
     )
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N evaluation rows."})

@@ -49,8 +49,13 @@ def _plain_causal(module, query, key, attention_mask, kwargs) -> bool:
     """Causal attention of every query over exactly as many keys (no cache), with no mask or bias."""
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    return (attention_mask is None and causal and kwargs.get("position_bias") is None
-            and query.shape[2] == key.shape[2] and not kwargs.get("output_attentions", False))
+    return (
+        attention_mask is None
+        and causal
+        and kwargs.get("position_bias") is None
+        and query.shape[2] == key.shape[2]
+        and not kwargs.get("output_attentions", False)
+    )
 
 
 def _flash_applies(query, key) -> bool:
@@ -58,8 +63,11 @@ def _flash_applies(query, key) -> bool:
     key/value heads dividing the query heads (it runs grouped-query attention without copying keys)."""
     head_dim = query.shape[-1]
     return (
-        query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-        and head_dim % 8 == 0 and head_dim <= 256 and query.shape[1] % key.shape[1] == 0
+        query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and head_dim % 8 == 0
+        and head_dim <= 256
+        and query.shape[1] % key.shape[1] == 0
     )
 
 
@@ -97,8 +105,9 @@ def _mask_with_prefix(attention_mask, query, key, pre_seq_len):
 # ----------------------------------------------------------------------------- padding-free batches
 
 
-def _padding_free_attention(module, query, key, value, prefix, cu_seq_lens_q, max_length_q, dropout=0.0,
-                            scaling=None, **kwargs):
+def _padding_free_attention(
+    module, query, key, value, prefix, cu_seq_lens_q, max_length_q, dropout=0.0, scaling=None, **kwargs
+):
     """One row of samples back to back (``[1, heads, tokens, head_dim]``), sample ``i`` at
     ``cu_seq_lens_q[i]:cu_seq_lens_q[i + 1]``; each query sees the prefix and the earlier tokens of its own
     sample only. transformers' mask (block-diagonal from the restarting positions, or none) is not needed."""
@@ -110,16 +119,26 @@ def _padding_free_attention(module, query, key, value, prefix, cu_seq_lens_q, ma
         if prefix is not None:
             key = torch.cat([prefix[0].to(key.dtype)[None], key], dim=2)
             value = torch.cat([prefix[1].to(value.dtype)[None], value], dim=2)
-        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
-                                      is_causal=False)
+        return sdpa_attention_forward(
+            module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=False
+        )
     # flash's variable-length layout: [tokens, heads, head_dim], sequences back to back
     query, key, value = (t[0].transpose(0, 1) for t in (query, key, value))
     cu_seq_lens_k = cu_seq_lens_q
     if prefix is not None:
         key, value, cu_seq_lens_k = _prefix_in_every_sample(prefix.to(key.dtype), key, value, cu_seq_lens_q)
     out = torch.ops.aten._flash_attention_forward(
-        query, key, value, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_q + pre_seq_len,
-        dropout, True, False, scale=scaling,
+        query,
+        key,
+        value,
+        cu_seq_lens_q,
+        cu_seq_lens_k,
+        max_length_q,
+        max_length_q + pre_seq_len,
+        dropout,
+        True,
+        False,
+        scale=scaling,
     )[0]
     return out.unsqueeze(0), None
 
@@ -130,13 +149,18 @@ def _prefix_in_every_sample(prefix, key, value, cu_seq_lens):
     the prefix and its own past. The rows are gathered with a permutation (each source row used once) so
     the backward pass adds no two gradients into one row: deterministic."""
     samples, pre_seq_len = cu_seq_lens.shape[0] - 1, prefix.shape[2]
-    cu_seq_lens_k = cu_seq_lens + pre_seq_len * torch.arange(samples + 1, device=cu_seq_lens.device, dtype=cu_seq_lens.dtype)
+    cu_seq_lens_k = cu_seq_lens + pre_seq_len * torch.arange(
+        samples + 1, device=cu_seq_lens.device, dtype=cu_seq_lens.dtype
+    )
     rows = torch.arange(key.shape[0] + samples * pre_seq_len, device=key.device)
     sample = torch.bucketize(rows, cu_seq_lens_k[1:], right=True)
     offset = rows - cu_seq_lens_k[sample]
     # source rows: [sample 0's prefix copy, sample 1's, ..., then the tokens]
-    source = torch.where(offset < pre_seq_len, sample * pre_seq_len + offset,
-                         samples * pre_seq_len + cu_seq_lens[sample] + offset - pre_seq_len)
+    source = torch.where(
+        offset < pre_seq_len,
+        sample * pre_seq_len + offset,
+        samples * pre_seq_len + cu_seq_lens[sample] + offset - pre_seq_len,
+    )
 
     def join(prefix_part, tokens):  # prefix_part [kv_heads, P, D] -> one copy per sample, then the tokens
         copies = prefix_part.transpose(0, 1).unsqueeze(0).expand(samples, -1, -1, -1).reshape(-1, *tokens.shape[1:])
@@ -164,8 +188,18 @@ def supports_padding_free(causal_lm) -> bool:
 # ----------------------------------------------------------------------------- masks and registration
 
 
-def prefix_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
-                attention_mask=None, local_size=None, allow_is_causal_skip=True, **kwargs):
+def prefix_mask(
+    batch_size,
+    q_length,
+    kv_length,
+    q_offset=0,
+    kv_offset=0,
+    mask_function=causal_mask_function,
+    attention_mask=None,
+    local_size=None,
+    allow_is_causal_skip=True,
+    **kwargs,
+):
     """transformers' SDPA mask, except that a right-padded batch without cache gets none (pure causal).
 
     Right padding only hides keys that come after every real token of their row, which causality hides
@@ -174,13 +208,28 @@ def prefix_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
     kernel instead of a masked one (training batches are right-padded). Any other pattern -- sliding
     windows, packed sequences, custom mask functions, a KV cache, left padding -- keeps transformers' mask.
     """
-    if (allow_is_causal_skip and mask_function is causal_mask_function and local_size is None
-            and q_offset == 0 and kv_offset == 0 and q_length == kv_length
-            and _right_padded(attention_mask, kv_length)):
+    if (
+        allow_is_causal_skip
+        and mask_function is causal_mask_function
+        and local_size is None
+        and q_offset == 0
+        and kv_offset == 0
+        and q_length == kv_length
+        and _right_padded(attention_mask, kv_length)
+    ):
         return None
-    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                     local_size=local_size, allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        mask_function=mask_function,
+        attention_mask=attention_mask,
+        local_size=local_size,
+        allow_is_causal_skip=allow_is_causal_skip,
+        **kwargs,
+    )
 
 
 def _right_padded(padding_mask, length: int) -> bool:
@@ -220,8 +269,11 @@ def _no_mask_for_padding_free(decoder, args, kwargs):
     every forward: ``find_packed_sequence_indices``) and builds a block-diagonal mask over the whole row,
     which glmtune's attention never reads: it keeps the samples apart with ``cu_seq_lens_q``. A 4-D mask
     is passed down untouched; an empty one fails loudly should any other attention try to use it."""
-    if (kwargs.get("cu_seq_lens_q") is None or kwargs.get("attention_mask") is not None
-            or decoder.config._attn_implementation != ATTENTION_NAME):
+    if (
+        kwargs.get("cu_seq_lens_q") is None
+        or kwargs.get("attention_mask") is not None
+        or decoder.config._attn_implementation != ATTENTION_NAME
+    ):
         return None
     tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
     kwargs["attention_mask"] = torch.empty((1, 1, 0, 0), dtype=torch.bool, device=tokens.device)

@@ -59,7 +59,7 @@ def _read_text(path: str) -> str:
     with open(path, "rb") as f:
         raw = f.read()
     bom = b"\xef\xbb\xbf"
-    body = raw[len(bom):] if raw.startswith(bom) else raw
+    body = raw[len(bom) :] if raw.startswith(bom) else raw
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -87,7 +87,9 @@ def _json_records(path: str, text: str):
         try:
             yield f"{path}:{number}", json.loads(line)
         except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: invalid JSON ({error.msg}, column {error.colno}); {DATA_README}") from None
+            raise DataError(
+                f"{path}:{number}: invalid JSON ({error.msg}, column {error.colno}); {DATA_README}"
+            ) from None
 
 
 def _normalize(where: str, record, prompt_column: str, response_column: str, history_column):
@@ -136,7 +138,9 @@ def load_split(path: str, data_args: DataArguments) -> datasets.Dataset:
     }
     try:
         return datasets.Dataset.from_generator(
-            read_records, gen_kwargs=gen_kwargs, features=FEATURES,
+            read_records,
+            gen_kwargs=gen_kwargs,
+            features=FEATURES,
             fingerprint=_fingerprint(gen_kwargs, stat),
         )
     except datasets.exceptions.DatasetGenerationError as error:
@@ -157,7 +161,9 @@ def _fingerprint(gen_kwargs: dict, stat) -> str:
 class Encoder:
     """prompt/response/history -> input_ids/labels (+ truncation flags), for ``datasets.map``."""
 
-    def __init__(self, tokenizer, prompt_format: PromptFormat, max_source_length: int, max_target_length: int, train: bool):
+    def __init__(
+        self, tokenizer, prompt_format: PromptFormat, max_source_length: int, max_target_length: int, train: bool
+    ):
         self.tokenizer = tokenizer
         self.format = prompt_format
         self.max_source_length = max_source_length
@@ -229,14 +235,20 @@ def tokenize(dataset, tokenizer, prompt_format, data_args: DataArguments, split:
         before = len(dataset)
         dataset = dataset.filter(_has_prompt_and_response, desc="Skipping empty rows")
         if len(dataset) < before:
-            logger.warning("train: skipped %d of %d rows whose prompt or response is empty", before - len(dataset), before)
+            logger.warning(
+                "train: skipped %d of %d rows whose prompt or response is empty", before - len(dataset), before
+            )
         if len(dataset) == 0:
             raise DataError(f"{data_args.train_file}: every row has an empty prompt or response")
     target_length = data_args.max_target_length if train else data_args.val_max_target_length
     encoder = Encoder(tokenizer, prompt_format, data_args.max_source_length, target_length, train)
     dataset = dataset.map(
-        encoder, batched=True, remove_columns=dataset.column_names, num_proc=data_args.preprocessing_num_workers,
-        load_from_cache_file=not data_args.overwrite_cache, desc=f"Tokenizing {split}",
+        encoder,
+        batched=True,
+        remove_columns=dataset.column_names,
+        num_proc=data_args.preprocessing_num_workers,
+        load_from_cache_file=not data_args.overwrite_cache,
+        desc=f"Tokenizing {split}",
     )
     _report_truncation(dataset, split, data_args.max_source_length, target_length)
     return dataset
@@ -249,11 +261,21 @@ def _has_prompt_and_response(row: dict) -> bool:
 def _report_truncation(dataset, split: str, max_source: int, max_target: int) -> None:
     sources, targets = sum(dataset["source_truncated"]), sum(dataset["target_truncated"])
     if sources:
-        logger.warning("%s: %d of %d prompts were longer than max_source_length %d and were truncated",
-                       split, sources, len(dataset), max_source)
+        logger.warning(
+            "%s: %d of %d prompts were longer than max_source_length %d and were truncated",
+            split,
+            sources,
+            len(dataset),
+            max_source,
+        )
     if targets:
-        logger.warning("%s: %d of %d answers were longer than %d tokens and were truncated",
-                       split, targets, len(dataset), max_target)
+        logger.warning(
+            "%s: %d of %d answers were longer than %d tokens and were truncated",
+            split,
+            targets,
+            len(dataset),
+            max_target,
+        )
 
 
 # ----------------------------------------------------------------------------- batching
@@ -298,7 +320,9 @@ class Collator:
         length = max(len(row) for row in rows)
         length = -(-length // self.multiple) * self.multiple
         padded = [
-            [value] * (length - len(row)) + list(row) if self.padding_side == "left" else list(row) + [value] * (length - len(row))
+            [value] * (length - len(row)) + list(row)
+            if self.padding_side == "left"
+            else list(row) + [value] * (length - len(row))
             for row in rows
         ]
         return torch.tensor(padded, dtype=torch.long)

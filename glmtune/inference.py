@@ -49,8 +49,9 @@ class TunedModel:
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.model.device)
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.model.device)
         with torch.no_grad():
-            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                         **self._generate_kwargs(generate_kwargs))
+            output = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, **self._generate_kwargs(generate_kwargs)
+            )
         ids = self.prompt_format.generation_ids()
         new_tokens = blank_stop_tokens(output[:, width:], ids["eos_token_id"], ids["pad_token_id"])
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -59,8 +60,12 @@ class TunedModel:
         """Yield the answer's text as it is generated."""
         ids = torch.tensor([self.encode(query, history)], device=self.model.device)
         streamer = AnswerStreamer(self.tokenizer, self.prompt_format.generation_ids())
-        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                      **self._generate_kwargs(generate_kwargs))
+        kwargs = dict(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            streamer=streamer,
+            **self._generate_kwargs(generate_kwargs),
+        )
         thread = threading.Thread(target=self._generate_quietly, kwargs=kwargs, daemon=True)
         thread.start()
         yield from streamer
@@ -106,14 +111,22 @@ def checkpoint_method(checkpoint) -> str:
     )
 
 
-def load_tuned(model_name_or_path: str, checkpoint=None, quantization_bit=None, torch_dtype="auto",
-               prompt_template="auto", source_prefix="", max_source_length=1024) -> TunedModel:
+def load_tuned(
+    model_name_or_path: str,
+    checkpoint=None,
+    quantization_bit=None,
+    torch_dtype="auto",
+    prompt_template="auto",
+    source_prefix="",
+    max_source_length=1024,
+) -> TunedModel:
     """Base model (+ P-Tuning v2 checkpoint or LoRA adapter), ready to generate."""
     if not os.path.isfile(os.path.join(model_name_or_path, "config.json")):
         raise GlmtuneError(f"model {model_name_or_path}: not a model folder (no config.json)")
     method = checkpoint_method(checkpoint)
-    model_args = ModelArguments(model_name_or_path=model_name_or_path, quantization_bit=quantization_bit,
-                                torch_dtype=torch_dtype)
+    model_args = ModelArguments(
+        model_name_or_path=model_name_or_path, quantization_bit=quantization_bit, torch_dtype=torch_dtype
+    )
     tokenizer = load_tokenizer(model_args)
     model = load_base_model(model_args)
     if method == "ptuning":

@@ -64,8 +64,9 @@ class TargetTokenLoss:
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, targets.numel(), CHUNK_TOKENS):
             chunk = slice(start, start + CHUNK_TOKENS)
-            total = total + checkpoint(_chunk_loss, selected[chunk], self.head.weight, self.head.bias, targets[chunk],
-                                       use_reentrant=False)
+            total = total + checkpoint(
+                _chunk_loss, selected[chunk], self.head.weight, self.head.bias, targets[chunk], use_reentrant=False
+            )
         count = num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1)
         return total / count
 

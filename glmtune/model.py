@@ -17,7 +17,9 @@ def load_tokenizer(model_args: ModelArguments):
     try:  # the config first: a broken config.json otherwise surfaces as a puzzling tokenizer error
         load_config(model_args)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise GlmtuneError(f"--model_name_or_path {path}: config.json is not a usable model config: {_summary(error)}") from None
+        raise GlmtuneError(
+            f"--model_name_or_path {path}: config.json is not a usable model config: {_summary(error)}"
+        ) from None
     try:
         tokenizer = load_plain_tokenizer(model_args)
     except (OSError, ValueError) as error:

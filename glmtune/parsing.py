@@ -81,7 +81,9 @@ def _parse(method: str, parser, args) -> RunConfig:
     except FileNotFoundError:
         raise ArgumentsError([f"{args[0]}: no such argument file"]) from None
     except ImportError:  # TrainingArguments load DeepSpeed as soon as --deepspeed is given
-        raise ArgumentsError(["--deepspeed needs DeepSpeed, which is not installed: pip install -r requirements-deepspeed.txt"]) from None
+        raise ArgumentsError(
+            ["--deepspeed needs DeepSpeed, which is not installed: pip install -r requirements-deepspeed.txt"]
+        ) from None
     config = RunConfig(method, *parsed)
     type_problems = _type_problems(config)
     if type_problems:  # a .json file or dict is not type-converted like argv; the range checks need numbers
@@ -132,7 +134,9 @@ def _explicit(dataclass_obj, names) -> list[str]:
 
 def _method_problems(config: RunConfig) -> list[str]:
     problems = []
-    ptuning_flags = _explicit(config.ptuning, ["pre_seq_len", "prefix_projection", "prefix_hidden_size", "ptuning_checkpoint"])
+    ptuning_flags = _explicit(
+        config.ptuning, ["pre_seq_len", "prefix_projection", "prefix_hidden_size", "ptuning_checkpoint"]
+    )
     lora_flags = _explicit(config.lora, [f.name for f in fields(LoraArguments)])
     if config.method == "lora" and ptuning_flags:
         problems.append(
@@ -163,7 +167,9 @@ def _range_problems(config: RunConfig) -> list[str]:
     if data.prompt_template not in TEMPLATES:
         problems.append(f"--prompt_template must be one of {', '.join(TEMPLATES)}, got {data.prompt_template!r}")
     if data.prompt_template == "raw" and data.history_column:
-        problems.append("--prompt_template raw has no place for history: drop --history_column or pick another template")
+        problems.append(
+            "--prompt_template raw has no place for history: drop --history_column or pick another template"
+        )
     positive = {
         "max_source_length": data.max_source_length,
         "max_target_length": data.max_target_length,
@@ -177,8 +183,15 @@ def _range_problems(config: RunConfig) -> list[str]:
         "max_new_tokens": config.generation.max_new_tokens,
         "num_beams": config.generation.num_beams,
     }
-    problems += [f"--{name} must be a positive integer, got {value}" for name, value in positive.items() if value is not None and value <= 0]
-    for name, value in {"prefix_dropout": config.ptuning.prefix_dropout, "lora_dropout": config.lora.lora_dropout}.items():
+    problems += [
+        f"--{name} must be a positive integer, got {value}"
+        for name, value in positive.items()
+        if value is not None and value <= 0
+    ]
+    for name, value in {
+        "prefix_dropout": config.ptuning.prefix_dropout,
+        "lora_dropout": config.lora.lora_dropout,
+    }.items():
         if value is not None and not 0 <= value < 1:
             problems.append(f"--{name} must be in [0, 1), got {value}")
     if config.model.quantization_bit in (4, 8) and not _cuda_available():
@@ -214,7 +227,10 @@ def _path_problems(config: RunConfig) -> list[str]:
         problems.append(f"--model_name_or_path {model_dir}: no such folder (models are loaded from local folders only)")
     elif not os.path.isfile(os.path.join(model_dir, "config.json")):
         problems.append(f"--model_name_or_path {model_dir}: not a model folder (no config.json in it)")
-    for flag, path in (("ptuning_checkpoint", config.ptuning.ptuning_checkpoint), ("lora_checkpoint", config.lora.lora_checkpoint)):
+    for flag, path in (
+        ("ptuning_checkpoint", config.ptuning.ptuning_checkpoint),
+        ("lora_checkpoint", config.lora.lora_checkpoint),
+    ):
         if path is not None and not os.path.isdir(path):
             problems.append(f"--{flag} {path}: no such folder")
     problems += _output_dir_problems(config)
@@ -341,9 +357,12 @@ def _fill_defaults(config: RunConfig) -> None:
     if training.do_predict:
         training.predict_with_generate = True  # prediction means generating text to score
     if config.run.compile_layers is None:  # measured on bf16 bases only (docs/benchmarks.md); opt in for 4/8-bit
-        config.run.compile_layers = (training.do_train and _cuda_available() and not config.model.quantization_bit
-                                     and zero_stage(training) != 3)  # ZeRO-3: see _distributed_problems
-    if config.run.padding_free is None and not (training.do_train and _cuda_available() and config.model.torch_dtype != "float32"):
+        config.run.compile_layers = (
+            training.do_train and _cuda_available() and not config.model.quantization_bit and zero_stage(training) != 3
+        )  # ZeRO-3: see _distributed_problems
+    if config.run.padding_free is None and not (
+        training.do_train and _cuda_available() and config.model.torch_dtype != "float32"
+    ):
         config.run.padding_free = False  # otherwise decided with the model loaded (glmtune.workflow.padding_free)
     if _cuda_available() and training.dataloader_pin_memory:
         # accelerate copies each batch to the GPU with non_blocking=False by default: a stream sync per tensor,

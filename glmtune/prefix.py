@@ -30,8 +30,17 @@ class PrefixEncoder(nn.Module):
     The output layout matches ChatGLM's: the flat width is (layer, key/value, head, head_dim).
     """
 
-    def __init__(self, pre_seq_len, num_layers, kv_heads, head_dim, projection=False, embedding_dim=None,
-                 hidden_size=None, dropout=0.0):
+    def __init__(
+        self,
+        pre_seq_len,
+        num_layers,
+        kv_heads,
+        head_dim,
+        projection=False,
+        embedding_dim=None,
+        hidden_size=None,
+        dropout=0.0,
+    ):
         super().__init__()
         self.shape = (num_layers, 2, kv_heads, head_dim)
         kv_size = num_layers * 2 * kv_heads * head_dim

@@ -66,13 +66,19 @@ class Job:
     top_p: float
     stream: bool
     future: asyncio.Future = None  # non-streaming: resolved with (text, completion_tokens, finish_reason)
-    pieces: asyncio.Queue = None  # streaming: text pieces, then ("end", completion_tokens, finish_reason) or an exception
+    pieces: asyncio.Queue = (
+        None  # streaming: text pieces, then ("end", completion_tokens, finish_reason) or an exception
+    )
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def generate_kwargs(self) -> dict:
         if self.temperature > 0:
-            return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
-                    "top_p": self.top_p}
+            return {
+                "max_new_tokens": self.max_new_tokens,
+                "do_sample": True,
+                "temperature": self.temperature,
+                "top_p": self.top_p,
+            }
         return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
 
     def batch_key(self) -> tuple:
@@ -101,8 +107,10 @@ def _content(message: dict, index: int) -> str:
         texts = []
         for part in content:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise invalid(f"messages[{index}].content: only text parts ({{'type': 'text', 'text': ...}}) are supported",
-                              f"messages[{index}].content")
+                raise invalid(
+                    f"messages[{index}].content: only text parts ({{'type': 'text', 'text': ...}}) are supported",
+                    f"messages[{index}].content",
+                )
             texts.append(part["text"])
         return "".join(texts)
     raise invalid(f"messages[{index}].content must be a string or a list of text parts", f"messages[{index}].content")
@@ -124,19 +132,26 @@ def parse_messages(messages) -> tuple:
         if not isinstance(role, str):
             raise invalid(f"messages[{index}].role must be a string", f"messages[{index}].role")
         if role not in (*SYSTEM_ROLES, "user", "assistant"):
-            raise invalid(f"messages[{index}].role: unsupported role '{role}' (use system, user or assistant)",
-                          f"messages[{index}].role")
+            raise invalid(
+                f"messages[{index}].role: unsupported role '{role}' (use system, user or assistant)",
+                f"messages[{index}].role",
+            )
         content = _content(message, index)
         if role in SYSTEM_ROLES:
             if turns:
-                raise invalid(f"messages[{index}]: a {role} message must come before the user/assistant messages",
-                              f"messages[{index}].role")
+                raise invalid(
+                    f"messages[{index}]: a {role} message must come before the user/assistant messages",
+                    f"messages[{index}].role",
+                )
             system.append(content)
             continue
         expected = "user" if len(turns) % 2 == 0 else "assistant"
         if role != expected:
-            raise invalid(f"messages[{index}].role: expected '{expected}' (user and assistant messages must alternate, "
-                          "starting with user)", f"messages[{index}].role")
+            raise invalid(
+                f"messages[{index}].role: expected '{expected}' (user and assistant messages must alternate, "
+                "starting with user)",
+                f"messages[{index}].role",
+            )
         turns.append(content)
     if not turns:
         raise invalid("'messages' has no user message", "messages")
@@ -171,16 +186,22 @@ def parse_request(body, tuned, max_source_length: int) -> Job:
         raise invalid("'stop' must be a string or a list of strings", "stop")
     if stop:
         raise invalid("'stop' sequences are not supported by this server; leave 'stop' out", "stop")
-    name = "max_completion_tokens" if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None \
+    name = (
+        "max_completion_tokens"
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None
         else "max_tokens"
+    )
     max_tokens = _number(body, name, DEFAULT_MAX_TOKENS, 1, None, integer=True)
     temperature = _number(body, "temperature", 0.0, 0, 2)
     top_p = _number(body, "top_p", 1.0, 0, 1, low_open=True)
     tokens = prompt_length(tuned, query, history)
     if tokens > max_source_length:
-        raise invalid(f"This model's maximum context length is {max_source_length} tokens, but the messages have "
-                      f"{tokens} tokens. Shorten the messages (or start the server with a larger --max_source_length).",
-                      "messages", "context_length_exceeded")
+        raise invalid(
+            f"This model's maximum context length is {max_source_length} tokens, but the messages have "
+            f"{tokens} tokens. Shorten the messages (or start the server with a larger --max_source_length).",
+            "messages",
+            "context_length_exceeded",
+        )
     return Job(query, history, tokens, max_tokens, float(temperature), float(top_p), bool(stream))
 
 
@@ -277,9 +298,15 @@ class Worker:
             from transformers import StoppingCriteriaList
 
             width = max(len(tuned.encode(j.query, j.history)) for j in batch)
-            texts = tuned.generate([j.query for j in batch], [j.history for j in batch],
-                                   stopping_criteria=StoppingCriteriaList([recorder]), **batch[0].generate_kwargs())
-            outcomes = recorder.outcomes(width, tuned.prompt_format.generation_ids()["eos_token_id"], batch[0].max_new_tokens)
+            texts = tuned.generate(
+                [j.query for j in batch],
+                [j.history for j in batch],
+                stopping_criteria=StoppingCriteriaList([recorder]),
+                **batch[0].generate_kwargs(),
+            )
+            outcomes = recorder.outcomes(
+                width, tuned.prompt_format.generation_ids()["eos_token_id"], batch[0].max_new_tokens
+            )
             outcomes = outcomes or [(0, "stop")] * len(batch)
             for job, text, (tokens, reason) in zip(batch, texts, outcomes):
                 loop.call_soon_threadsafe(_resolve, job.future, (text, tokens, reason))
@@ -294,10 +321,13 @@ class Worker:
             from transformers import StoppingCriteriaList
 
             width = len(tuned.encode(job.query, job.history))
-            for piece in tuned.stream(job.query, job.history, stopping_criteria=StoppingCriteriaList([recorder]),
-                                      **job.generate_kwargs()):
+            for piece in tuned.stream(
+                job.query, job.history, stopping_criteria=StoppingCriteriaList([recorder]), **job.generate_kwargs()
+            ):
                 loop.call_soon_threadsafe(job.pieces.put_nowait, piece)
-            outcomes = recorder.outcomes(width, tuned.prompt_format.generation_ids()["eos_token_id"], job.max_new_tokens) or [(0, "stop")]
+            outcomes = recorder.outcomes(
+                width, tuned.prompt_format.generation_ids()["eos_token_id"], job.max_new_tokens
+            ) or [(0, "stop")]
             loop.call_soon_threadsafe(job.pieces.put_nowait, ("end", *outcomes[0]))
         except Exception as error:  # noqa: BLE001
             loop.call_soon_threadsafe(job.pieces.put_nowait, error)
@@ -329,7 +359,7 @@ class Trimmer:
                 return ""
             self.started = True
         body = text.rstrip()
-        self.held = text[len(body):]
+        self.held = text[len(body) :]
         return body
 
 
@@ -363,7 +393,9 @@ def create_app(tuned, model_name: str, api_key=None, max_batch_size: int = 8, ma
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, error):
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
-        return JSONResponse(ApiError(error.status_code, str(error.detail), code=code).body(), status_code=error.status_code)
+        return JSONResponse(
+            ApiError(error.status_code, str(error.detail), code=code).body(), status_code=error.status_code
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, error):
@@ -374,8 +406,9 @@ def create_app(tuned, model_name: str, api_key=None, max_batch_size: int = 8, ma
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key")
+            raise ApiError(
+                401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key"
+            )
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "glmtune"}
@@ -389,8 +422,12 @@ def create_app(tuned, model_name: str, api_key=None, max_batch_size: int = 8, ma
     async def get_model(model_id: str, request: Request):
         authorize(request)
         if model_id != model_name:
-            raise ApiError(404, f"The model '{model_id}' does not exist; this server serves '{model_name}'.",
-                           "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"The model '{model_id}' does not exist; this server serves '{model_name}'.",
+                "model",
+                "model_not_found",
+            )
         return model_card()
 
     @app.post("/v1/chat/completions")
@@ -406,8 +443,11 @@ def create_app(tuned, model_name: str, api_key=None, max_batch_size: int = 8, ma
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         if job.stream:
-            return StreamingResponse(_events(job, completion_id, now), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                _events(job, completion_id, now),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         try:
             text, tokens, reason = await job.future
         except asyncio.CancelledError:
@@ -416,17 +456,34 @@ def create_app(tuned, model_name: str, api_key=None, max_batch_size: int = 8, ma
         except Exception as error:  # noqa: BLE001
             raise ApiError(500, f"generation failed: {error}", type_="server_error") from None
         return {
-            "id": completion_id, "object": "chat.completion", "created": now, "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": reason}],
-            "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": tokens,
-                      "total_tokens": job.prompt_tokens + tokens},
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": now,
+            "model": model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": job.prompt_tokens,
+                "completion_tokens": tokens,
+                "total_tokens": job.prompt_tokens + tokens,
+            },
         }
 
     async def _events(job: Job, completion_id: str, now: int):
         def chunk(delta: dict, reason=None) -> str:
-            data = {"id": completion_id, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+            data = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": now,
+                "model": model_name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
+            }
             return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
         trimmer = Trimmer()

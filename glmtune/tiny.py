@@ -17,8 +17,15 @@ from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 PRETRAIN_STEPS = 200
 SPECIAL_TOKENS = ["<|endoftext|>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
 TINY_SHAPE = dict(
-    hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-    intermediate_size=384, partial_rotary_factor=0.5, attention_bias=True, max_position_embeddings=1024,
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    intermediate_size=384,
+    partial_rotary_factor=0.5,
+    attention_bias=True,
+    max_position_embeddings=1024,
 )
 
 
@@ -41,16 +48,27 @@ def train_tokenizer(texts: list[str], vocab_size: int = 3000) -> PreTrainedToken
     )
     core.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<pad>", padding_side="left",
-        extra_special_tokens={"user_token": "<|user|>", "assistant_token": "<|assistant|>", "system_token": "<|system|>"},
+        tokenizer_object=core,
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+        padding_side="left",
+        extra_special_tokens={
+            "user_token": "<|user|>",
+            "assistant_token": "<|assistant|>",
+            "system_token": "<|system|>",
+        },
     )
 
 
 def tiny_model(tokenizer, seed: int = 0, **shape) -> GlmForCausalLM:
     torch.manual_seed(seed)
     config = GlmConfig(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None, tie_word_embeddings=True, **{**TINY_SHAPE, **shape},
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+        **{**TINY_SHAPE, **shape},
     )
     return GlmForCausalLM(config)
 
@@ -63,8 +81,12 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, batch_size: int = 2
     model.train()
     loss = None
     for _ in range(steps):
-        batch = tokenizer([t + tokenizer.eos_token for t in rng.sample(texts, batch_size)], padding=True,
-                          padding_side="right", return_tensors="pt")
+        batch = tokenizer(
+            [t + tokenizer.eos_token for t in rng.sample(texts, batch_size)],
+            padding=True,
+            padding_side="right",
+            return_tensors="pt",
+        )
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss
         loss.backward()

@@ -29,7 +29,9 @@ PREDICTIONS_FILE = "generated_predictions.txt"
 
 
 class GlmtuneTrainer(Seq2SeqTrainer):
-    def __init__(self, *args, eval_collator=None, generate_kwargs: dict | None = None, target_token_loss=True, **kwargs):
+    def __init__(
+        self, *args, eval_collator=None, generate_kwargs: dict | None = None, target_token_loss=True, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator or self.data_collator
         self.generate_kwargs = generate_kwargs or {}
@@ -84,7 +86,9 @@ class GlmtuneTrainer(Seq2SeqTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels")
         with self.target_loss.capture():
-            model(**inputs, logits_to_keep=1, use_cache=False)  # logits for one position only: the head runs in the loss
+            model(
+                **inputs, logits_to_keep=1, use_cache=False
+            )  # logits for one position only: the head runs in the loss
         loss = self.target_loss(labels, num_items_in_batch, target_index)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # num_items_in_batch counts every process's targets
@@ -204,7 +208,7 @@ class GlmtuneTrainer(Seq2SeqTrainer):
                 input_ids=prompt, attention_mask=inputs["attention_mask"], **{**self.generate_kwargs, **gen_kwargs}
             )
         kwargs = self.generate_kwargs
-        new_tokens = blank_stop_tokens(generated[:, prompt.shape[1]:], kwargs["eos_token_id"], kwargs["pad_token_id"])
+        new_tokens = blank_stop_tokens(generated[:, prompt.shape[1] :], kwargs["eos_token_id"], kwargs["pad_token_id"])
         return None, new_tokens, inputs.get("labels")
 
     def save_predictions(self, prediction_output, output_dir: str | None = None) -> str:
@@ -251,4 +255,3 @@ def _gather_prefix_embedding_in_forward(encoder) -> None:
     import deepspeed
 
     deepspeed.zero.register_external_parameter(encoder, encoder.embedding.weight)
-

@@ -68,8 +68,11 @@ def prepare_datasets(config: RunConfig, tokenizer, prompt_format) -> dict:
 
 def _log_example(tokenizer, example: dict) -> None:
     labels = [token for token in example["labels"] if token >= 0]
-    logger.info("First training sample:\n  input: %r\n  label: %r",
-                tokenizer.decode(example["input_ids"]), tokenizer.decode(labels))
+    logger.info(
+        "First training sample:\n  input: %r\n  label: %r",
+        tokenizer.decode(example["input_ids"]),
+        tokenizer.decode(labels),
+    )
 
 
 def attach_method(config: RunConfig, model):
@@ -89,11 +92,16 @@ def padding_free(config: RunConfig, model) -> bool:
     supported = supports_padding_free(causal_lm)
     wanted = config.run.padding_free
     if wanted and not supported:
-        raise GlmtuneError(f"--padding_free: {type(causal_lm).__name__} does not pass the sample boundaries to its "
-                           "attention (it derives positions or masks its own way); use --padding_free False")
+        raise GlmtuneError(
+            f"--padding_free: {type(causal_lm).__name__} does not pass the sample boundaries to its "
+            "attention (it derives positions or masks its own way); use --padding_free False"
+        )
     if wanted is None:
         wanted = supported
-        logger.info("Padding-free training batches: %s", "on" if wanted else f"off ({type(causal_lm).__name__} does not support them)")
+        logger.info(
+            "Padding-free training batches: %s",
+            "on" if wanted else f"off ({type(causal_lm).__name__} does not support them)",
+        )
     if wanted:
         use_glmtune_attention(model)
     return wanted
@@ -110,8 +118,11 @@ def build_trainer(config: RunConfig, model, tokenizer, datasets: dict, prompt_fo
         train_dataset=datasets.get("train"),
         eval_dataset=datasets.get("eval"),
         processing_class=tokenizer,
-        data_collator=(PaddingFreeCollator() if config.run.padding_free
-                       else Collator(tokenizer.pad_token_id, "right", with_target_index=True)),
+        data_collator=(
+            PaddingFreeCollator()
+            if config.run.padding_free
+            else Collator(tokenizer.pad_token_id, "right", with_target_index=True)
+        ),
         eval_collator=Collator(tokenizer.pad_token_id, "left" if generating else "right"),
         compute_metrics=ComputeMetrics(tokenizer) if generating else None,
         generate_kwargs=generate_kwargs,

@@ -28,14 +28,24 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="OpenAI-compatible API server for a glmtune model.")
     parser.add_argument("--model_name_or_path", default="models/tiny-glm", help="base model folder")
     parser.add_argument("--checkpoint", default=None, help="P-Tuning v2 checkpoint folder or LoRA adapter folder")
-    parser.add_argument("--quantization_bit", type=int, choices=[4, 8], default=None, help="4 or 8 (CUDA + bitsandbytes)")
-    parser.add_argument("--prompt_template", default="auto", choices=TEMPLATES, help="prompt format, as in training (default auto)")
+    parser.add_argument(
+        "--quantization_bit", type=int, choices=[4, 8], default=None, help="4 or 8 (CUDA + bitsandbytes)"
+    )
+    parser.add_argument(
+        "--prompt_template", default="auto", choices=TEMPLATES, help="prompt format, as in training (default auto)"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api_key", default=os.environ.get("GLMTUNE_API_KEY") or None,
-                        help="require 'Authorization: Bearer <key>' (default: $GLMTUNE_API_KEY; unset: no key)")
-    parser.add_argument("--model_name", default=None,
-                        help="model id in /v1/models and replies (default: the checkpoint's or model's folder name)")
+    parser.add_argument(
+        "--api_key",
+        default=os.environ.get("GLMTUNE_API_KEY") or None,
+        help="require 'Authorization: Bearer <key>' (default: $GLMTUNE_API_KEY; unset: no key)",
+    )
+    parser.add_argument(
+        "--model_name",
+        default=None,
+        help="model id in /v1/models and replies (default: the checkpoint's or model's folder name)",
+    )
     parser.add_argument("--max_source_length", type=int, default=1024, help="longest prompt in tokens; longer: 400")
     parser.add_argument("--max_batch_size", type=int, default=8, help="most requests answered by one generate call")
     args = parser.parse_args(argv)
@@ -68,8 +78,13 @@ def main(argv=None):
     from glmtune.inference import load_tuned
 
     try:
-        tuned = load_tuned(args.model_name_or_path, args.checkpoint, args.quantization_bit,
-                           prompt_template=args.prompt_template, max_source_length=args.max_source_length)
+        tuned = load_tuned(
+            args.model_name_or_path,
+            args.checkpoint,
+            args.quantization_bit,
+            prompt_template=args.prompt_template,
+            max_source_length=args.max_source_length,
+        )
     except (GlmtuneError, OSError, ValueError) as error:
         for line in str(error).splitlines() or [type(error).__name__]:
             print(f"error: {line}", file=sys.stderr)
@@ -79,8 +94,12 @@ def main(argv=None):
     from glmtune.serving import create_app
 
     app = create_app(tuned, model_name, args.api_key, args.max_batch_size, args.max_source_length)
-    print(f"Serving {model_name} ({tuned.method}) on http://{args.host}:{args.port}/v1"
-          + (" (API key required)" if args.api_key else ""), file=sys.stderr, flush=True)
+    print(
+        f"Serving {model_name} ({tuned.method}) on http://{args.host}:{args.port}/v1"
+        + (" (API key required)" if args.api_key else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

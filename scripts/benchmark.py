@@ -44,24 +44,47 @@ from glmtune.trainer import GlmtuneTrainer  # noqa: E402
 
 PEAK_FLOPS = 800e12
 CHATGLM3_6B = dict(
-    vocab_size=65024, hidden_size=4096, num_hidden_layers=28, num_attention_heads=32, num_key_value_heads=2,
-    head_dim=128, intermediate_size=13696, attention_bias=True, partial_rotary_factor=0.5,
-    max_position_embeddings=8192, pad_token_id=0, eos_token_id=2, bos_token_id=None, tie_word_embeddings=False,
+    vocab_size=65024,
+    hidden_size=4096,
+    num_hidden_layers=28,
+    num_attention_heads=32,
+    num_key_value_heads=2,
+    head_dim=128,
+    intermediate_size=13696,
+    attention_bias=True,
+    partial_rotary_factor=0.5,
+    max_position_embeddings=8192,
+    pad_token_id=0,
+    eos_token_id=2,
+    bos_token_id=None,
+    tie_word_embeddings=False,
 )
-TINY = dict(CHATGLM3_6B, vocab_size=1024, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-            head_dim=32, intermediate_size=256)
+TINY = dict(
+    CHATGLM3_6B,
+    vocab_size=1024,
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    head_dim=32,
+    intermediate_size=256,
+)
 # setting -> micro-batch, (min, max) prompt tokens, (min, max) answer tokens, gradient checkpointing
 SETTINGS = {
     "recipe": dict(batch=1, source=(64, 64), target=(64, 64), checkpointing=True),  # ChatGLM's train.sh
     "throughput": dict(batch=8, source=(192, 256), target=(192, 256), checkpointing=False),
 }
 ROWS = [  # name: method, quantization bits, setting
-    ("pt-bf16-recipe", "ptuning", None, "recipe"), ("pt-bf16-throughput", "ptuning", None, "throughput"),
-    ("pt-int8-recipe", "ptuning", 8, "recipe"), ("pt-int8-throughput", "ptuning", 8, "throughput"),
-    ("pt-int4-recipe", "ptuning", 4, "recipe"), ("pt-int4-throughput", "ptuning", 4, "throughput"),
-    ("lora-bf16-recipe", "lora", None, "recipe"), ("lora-bf16-throughput", "lora", None, "throughput"),
+    ("pt-bf16-recipe", "ptuning", None, "recipe"),
+    ("pt-bf16-throughput", "ptuning", None, "throughput"),
+    ("pt-int8-recipe", "ptuning", 8, "recipe"),
+    ("pt-int8-throughput", "ptuning", 8, "throughput"),
+    ("pt-int4-recipe", "ptuning", 4, "recipe"),
+    ("pt-int4-throughput", "ptuning", 4, "throughput"),
+    ("lora-bf16-recipe", "lora", None, "recipe"),
+    ("lora-bf16-throughput", "lora", None, "throughput"),
     ("lora-int8-recipe", "lora", 8, "recipe"),
-    ("lora-int4-recipe", "lora", 4, "recipe"), ("lora-int4-throughput", "lora", 4, "throughput"),
+    ("lora-int4-recipe", "lora", 4, "recipe"),
+    ("lora-int4-throughput", "lora", 4, "throughput"),
 ]
 PRE_SEQ_LEN = 128
 
@@ -109,9 +132,11 @@ def synthetic_samples(count: int, setting: dict, vocab: int, seed: int = 0) -> l
 def pad_to_max(samples: list, length: int) -> list:
     """The naive path: every sample padded to the maximum length up front (as ChatGLM's scripts do)."""
     return [
-        {"input_ids": s["input_ids"] + [0] * (length - len(s["input_ids"])),
-         "attention_mask": [1] * len(s["input_ids"]) + [0] * (length - len(s["input_ids"])),
-         "labels": s["labels"] + [-100] * (length - len(s["labels"]))}
+        {
+            "input_ids": s["input_ids"] + [0] * (length - len(s["input_ids"])),
+            "attention_mask": [1] * len(s["input_ids"]) + [0] * (length - len(s["input_ids"])),
+            "labels": s["labels"] + [-100] * (length - len(s["labels"])),
+        }
         for s in samples
     ]
 
@@ -162,7 +187,9 @@ class TokenCounter:
 
     def __call__(self, features):
         batch = self.collate(features)
-        real = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()  # padding-free
+        real = (
+            batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+        )  # padding-free
         self.tokens.append(int(real))
         self.samples.append(len(features))
         return batch
@@ -187,12 +214,18 @@ def write_profile(profiler, wall_s: float, folder: str, name: str) -> None:
         family = _kernel_family(e.key)
         families[family] = families.get(family, 0.0) + _device_us(e)
     busy = sum(families.values()) / 1e6
-    lines = [f"{name}: {PROFILED_STEPS} steps, wall {wall_s:.3f} s, GPU kernels {busy:.3f} s ({100 * busy / wall_s:.0f}% busy)"]
-    lines += [f"  {family:<28} {us / 1e3:9.1f} ms  {100 * us / 1e6 / busy:5.1f}%" for family, us in
-              sorted(families.items(), key=lambda item: -item[1])]
+    lines = [
+        f"{name}: {PROFILED_STEPS} steps, wall {wall_s:.3f} s, GPU kernels {busy:.3f} s ({100 * busy / wall_s:.0f}% busy)"
+    ]
+    lines += [
+        f"  {family:<28} {us / 1e3:9.1f} ms  {100 * us / 1e6 / busy:5.1f}%"
+        for family, us in sorted(families.items(), key=lambda item: -item[1])
+    ]
     lines += ["", "top kernels (self GPU time):"]
-    lines += [f"  {_device_us(e) / 1e3:9.2f} ms  {e.count:6d}x  {e.key[:150]}" for e in
-              sorted(kernels, key=_device_us, reverse=True)[:45]]
+    lines += [
+        f"  {_device_us(e) / 1e3:9.2f} ms  {e.count:6d}x  {e.key[:150]}"
+        for e in sorted(kernels, key=_device_us, reverse=True)[:45]
+    ]
     lines += ["", *idle_report(profiler.events())]
     text = "\n".join(lines)
     print(text, flush=True)
@@ -219,12 +252,16 @@ def idle_report(events, largest: int = 12) -> list:
             end, previous = stop, kernel
     span = end - kernels[0][0]
     idle = sum(g[0] for g in gaps)
-    lines = [f"GPU idle between its first and last kernel: {idle / 1e3:.1f} of {span / 1e3:.1f} ms ({100 * idle / span:.0f}%); "
-             f"gaps > 0.1 ms: {sum(1 for g in gaps if g[0] > 100)}, {sum(g[0] for g in gaps if g[0] > 100) / 1e3:.1f} ms"]
+    lines = [
+        f"GPU idle between its first and last kernel: {idle / 1e3:.1f} of {span / 1e3:.1f} ms ({100 * idle / span:.0f}%); "
+        f"gaps > 0.1 ms: {sum(1 for g in gaps if g[0] > 100)}, {sum(g[0] for g in gaps if g[0] > 100) / 1e3:.1f} ms"
+    ]
     host = [e for e in events if not _on_gpu(e)]
     for length, at, before, after in sorted(gaps, reverse=True)[:largest]:
         running = [e.name for e in host if e.time_range.start <= at + length / 2 <= e.time_range.end][:5]
-        lines.append(f"  gap {length / 1e3:7.2f} ms after {before[:50]!r} before {after[:50]!r}; host in: {' > '.join(running)[:160]}")
+        lines.append(
+            f"  gap {length / 1e3:7.2f} ms after {before[:50]!r} before {after[:50]!r}; host in: {' > '.join(running)[:160]}"
+        )
     syncs = {}
     for e in host:
         if e.name in SYNC_CALLS:
@@ -236,7 +273,10 @@ def idle_report(events, largest: int = 12) -> list:
             count, total = syncs.get(key, (0, 0.0))
             syncs[key] = (count + 1, total + e.time_range.end - e.time_range.start)
     lines.append(f"host calls that wait for the GPU ({sum(c for c, _ in syncs.values())}):")
-    lines += [f"  {count:4d}x {total / 1e3:8.2f} ms  {key}" for key, (count, total) in sorted(syncs.items(), key=lambda i: -i[1][1])[:15]]
+    lines += [
+        f"  {count:4d}x {total / 1e3:8.2f} ms  {key}"
+        for key, (count, total) in sorted(syncs.items(), key=lambda i: -i[1][1])[:15]
+    ]
     return lines
 
 
@@ -250,27 +290,46 @@ def _device_us(event) -> float:
 
 def _kernel_family(name: str) -> str:
     lowered = name.lower()
-    for family, needles in (("attention (flash)", ("flash",)), ("attention (mem-efficient)", ("fmha", "efficient_attention")),
-                            ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
-                            ("triton (compiled)", ("triton",)), ("cross-entropy / softmax", ("softmax", "nll", "log_softmax")),
-                            ("copy / cast", ("copy", "cast", "cat", "fill")), ("optimizer", ("adam", "foreach", "multi_tensor"))):
+    for family, needles in (
+        ("attention (flash)", ("flash",)),
+        ("attention (mem-efficient)", ("fmha", "efficient_attention")),
+        ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
+        ("triton (compiled)", ("triton",)),
+        ("cross-entropy / softmax", ("softmax", "nll", "log_softmax")),
+        ("copy / cast", ("copy", "cast", "cat", "fill")),
+        ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ):
         if any(n in lowered for n in needles):
             return family
     return "other elementwise / reduction"
 
 
-def training_args(output_dir: str, setting: dict, steps: int, logging_steps: int, glmtune: bool) -> Seq2SeqTrainingArguments:
+def training_args(
+    output_dir: str, setting: dict, steps: int, logging_steps: int, glmtune: bool
+) -> Seq2SeqTrainingArguments:
     """Logging reads the loss back from the GPU (a sync): once, when the timed window ends, for both sides."""
     extra = {}
     if glmtune:
-        extra = dict(gradient_checkpointing=setting["checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
-                     remove_unused_columns=False, label_names=["labels"],
-                     accelerator_config={"non_blocking": torch.cuda.is_available()})  # as glmtune.parsing sets them
+        extra = dict(
+            gradient_checkpointing=setting["checkpointing"],
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            remove_unused_columns=False,
+            label_names=["labels"],
+            accelerator_config={"non_blocking": torch.cuda.is_available()},
+        )  # as glmtune.parsing sets them
     return Seq2SeqTrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=setting["batch"], max_steps=steps, learning_rate=1e-4,
-        report_to="none", save_strategy="no", logging_steps=logging_steps, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=output_dir,
+        per_device_train_batch_size=setting["batch"],
+        max_steps=steps,
+        learning_rate=1e-4,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=logging_steps,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
         lr_scheduler_type="constant",  # the same learning rates whatever the number of steps (profiling adds two)
-        use_cpu=not torch.cuda.is_available(), **extra,
+        use_cpu=not torch.cuda.is_available(),
+        **extra,
     )
 
 
@@ -286,8 +345,18 @@ def measure(trainer, setting: dict, args, row, impl, precision, n_flops) -> Resu
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]  # one entry: the mean over the run's steps
     peak = peak_memory_gib()
     tokens_per_s = tokens / seconds
-    return Result(row, impl, precision, f"{setting['batch']}x{setting['source'][1] + setting['target'][1]}",
-                  tokens_per_s, samples / seconds, peak, tokens_per_s * n_flops / PEAK_FLOPS, losses[0], losses)
+    return Result(
+        row,
+        impl,
+        precision,
+        f"{setting['batch']}x{setting['source'][1] + setting['target'][1]}",
+        tokens_per_s,
+        samples / seconds,
+        peak,
+        tokens_per_s * n_flops / PEAK_FLOPS,
+        losses[0],
+        losses,
+    )
 
 
 def reset_peak_memory() -> None:
@@ -327,8 +396,12 @@ def run_glmtune(folder, row, method, bits, setting, args) -> Result:
     steps = total_steps(args, "glmtune")
     samples = synthetic_samples(sample_count(args, setting), setting, model.config.vocab_size)
     collator = PaddingFreeCollator() if args.padding_free else Collator(0, "right", with_target_index=True)
-    trainer = GlmtuneTrainer(model=model, args=training_args(args.scratch, setting, steps, args.warmup + args.steps, True),
-                             train_dataset=samples, data_collator=collator)
+    trainer = GlmtuneTrainer(
+        model=model,
+        args=training_args(args.scratch, setting, steps, args.warmup + args.steps, True),
+        train_dataset=samples,
+        data_collator=collator,
+    )
     return measure(trainer, setting, args, row, "glmtune", _precision(bits), flops_per_token(folder))
 
 
@@ -360,7 +433,9 @@ def run_naive(folder, row, method, bits, setting, args) -> Result:
     steps = total_steps(args, "naive")
     samples = synthetic_samples(sample_count(args, setting), setting, model.config.vocab_size)
     padded = pad_to_max(samples, setting["source"][1] + setting["target"][1])
-    train_args = training_args(args.scratch, {**setting, "checkpointing": False}, steps, args.warmup + args.steps, False)
+    train_args = training_args(
+        args.scratch, {**setting, "checkpointing": False}, steps, args.warmup + args.steps, False
+    )
     trainer = Trainer(model=model, args=train_args, train_dataset=padded, data_collator=default_data_collator)
     return measure(trainer, setting, args, row, "naive", _precision(bits), flops_per_token(folder))
 
@@ -378,10 +453,18 @@ def run_generation(folder, args) -> list:
     model = add_prefix_encoder(model, PtuningArguments(pre_seq_len=PRE_SEQ_LEN, prefix_dropout=0.0)).eval()
     samples = synthetic_samples(args.prompts, {"source": (24, 64), "target": (1, 1)}, model.config.vocab_size)
     prompts = [{"input_ids": s["input_ids"][:-1], "labels": s["input_ids"][-1:]} for s in samples]
-    generate = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0, eos_token_id=2, use_cache=True)
-    eval_args = Seq2SeqTrainingArguments(output_dir=args.scratch, per_device_eval_batch_size=args.eval_batch, report_to="none",
-                                         predict_with_generate=True, disable_tqdm=True, remove_unused_columns=False,
-                                         use_cpu=not torch.cuda.is_available())
+    generate = dict(
+        max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0, eos_token_id=2, use_cache=True
+    )
+    eval_args = Seq2SeqTrainingArguments(
+        output_dir=args.scratch,
+        per_device_eval_batch_size=args.eval_batch,
+        report_to="none",
+        predict_with_generate=True,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
     trainer = GlmtuneTrainer(model=model, args=eval_args, data_collator=Collator(0, "left"), generate_kwargs=generate)
     trainer.predict(prompts[: args.eval_batch])  # warm-up
     reset_peak_memory()
@@ -397,8 +480,30 @@ def run_generation(folder, args) -> list:
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **generate)
     single = len(single_prompts) * 64 / (time.perf_counter() - start)
     shape = f"{len(prompts)} prompts"
-    return [Result("generate", "glmtune batched", "bf16", f"{shape}, bs {args.eval_batch}", batched, batched / 64, batched_peak, 0, float("nan")),
-            Result("generate", "one at a time", "bf16", f"{len(single_prompts)} prompts, bs 1", single, single / 64, peak_memory_gib(), 0, float("nan"))]
+    return [
+        Result(
+            "generate",
+            "glmtune batched",
+            "bf16",
+            f"{shape}, bs {args.eval_batch}",
+            batched,
+            batched / 64,
+            batched_peak,
+            0,
+            float("nan"),
+        ),
+        Result(
+            "generate",
+            "one at a time",
+            "bf16",
+            f"{len(single_prompts)} prompts, bs 1",
+            single,
+            single / 64,
+            peak_memory_gib(),
+            0,
+            float("nan"),
+        ),
+    ]
 
 
 # ----------------------------------------------------------------------------- main
@@ -414,7 +519,9 @@ def free_memory() -> None:
 def print_table(results: list) -> None:
     naive = {(r.row, r.shape): r for r in results if r.impl == "naive"}
     single = next((r for r in results if r.impl == "one at a time"), None)
-    print("\n| row | impl | precision | batch x len | tokens/s | samples/s | peak GiB | MFU | vs naive (speed, memory) | mean loss |")
+    print(
+        "\n| row | impl | precision | batch x len | tokens/s | samples/s | peak GiB | MFU | vs naive (speed, memory) | mean loss |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         base = naive.get((r.row, r.shape)) if r.impl == "glmtune" else (single if r.impl == "glmtune batched" else None)
@@ -422,28 +529,53 @@ def print_table(results: list) -> None:
         if base and r.impl == "glmtune" and not math.isnan(r.peak_gib):  # no memory figure without CUDA
             ratio += f", {r.peak_gib / base.peak_gib:.2f}x"
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu else ""
-        peak, loss = ("" if math.isnan(value) else f"{value:.{digits}f}" for value, digits in ((r.peak_gib, 2), (r.loss, 4)))
-        print(f"| {r.row} | {r.impl} | {r.precision} | {r.shape} | {r.tokens_per_s:,.0f} | {r.samples_per_s:.2f} | "
-              f"{peak} | {mfu} | {ratio} | {loss} |")
+        peak, loss = (
+            "" if math.isnan(value) else f"{value:.{digits}f}" for value, digits in ((r.peak_gib, 2), (r.loss, 4))
+        )
+        print(
+            f"| {r.row} | {r.impl} | {r.precision} | {r.shape} | {r.tokens_per_s:,.0f} | {r.samples_per_s:.2f} | "
+            f"{peak} | {mfu} | {ratio} | {loss} |"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="all", help="all, train, eval, or a comma list of row names (ROWS, and generate: the evaluation rows), run in that order")
+    parser.add_argument(
+        "--rows",
+        default="all",
+        help="all, train, eval, or a comma list of row names (ROWS, and generate: the evaluation rows), run in that order",
+    )
     parser.add_argument("--impl", default="glmtune,naive", help="which implementations to run")
-    parser.add_argument("--model", default="/tmp/glmtune-bench/chatglm3-6b-shaped", help="model folder (built if missing)")
+    parser.add_argument(
+        "--model", default="/tmp/glmtune-bench/chatglm3-6b-shaped", help="model folder (built if missing)"
+    )
     parser.add_argument("--scratch", default="/tmp/glmtune-bench/scratch")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=1070, help="ADGEN dev size")
     parser.add_argument("--eval_batch", type=int, default=128)
-    parser.add_argument("--single_prompts", type=int, default=8, help="prompts generated one at a time (64 tokens each at ~20 tokens/s on an H100)")
-    parser.add_argument("--batches", default="8", help="micro-batch sizes of the throughput rows (a comma list: a search)")
+    parser.add_argument(
+        "--single_prompts",
+        type=int,
+        default=8,
+        help="prompts generated one at a time (64 tokens each at ~20 tokens/s on an H100)",
+    )
+    parser.add_argument(
+        "--batches", default="8", help="micro-batch sizes of the throughput rows (a comma list: a search)"
+    )
     parser.add_argument("--profile", default=None, help="folder: profile 2 steps after the timed ones of glmtune rows")
-    parser.add_argument("--compile_layers", action=argparse.BooleanOptionalAction, default=None,
-                        help="glmtune rows: compiled decoder layers (default as train.sh: on for bf16 bases on a GPU)")
-    parser.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=True,
-                        help="glmtune rows: padding-free batches, as train.sh on a GPU (--no-padding_free: padded)")
+    parser.add_argument(
+        "--compile_layers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="glmtune rows: compiled decoder layers (default as train.sh: on for bf16 bases on a GPU)",
+    )
+    parser.add_argument(
+        "--padding_free",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="glmtune rows: padding-free batches, as train.sh on a GPU (--no-padding_free: padded)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, to check this script")
     parser.add_argument("--json", default=None, help="also append the results here, a JSON line per row as it ends")
     args = parser.parse_args()
@@ -468,7 +600,11 @@ def main() -> None:
             continue
         if bits and not torch.cuda.is_available():
             continue
-        batches = [int(b) for b in args.batches.split(",")] if setting_name == "throughput" else [SETTINGS[setting_name]["batch"]]
+        batches = (
+            [int(b) for b in args.batches.split(",")]
+            if setting_name == "throughput"
+            else [SETTINGS[setting_name]["batch"]]
+        )
         for batch, impl in [(b, i) for b in batches for i in impls]:
             runner = run_glmtune if impl == "glmtune" else run_naive
             started = time.perf_counter()

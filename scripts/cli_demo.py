@@ -26,16 +26,32 @@ METHOD_NAMES = {"ptuning": "P-Tuning v2 checkpoint", "lora": "LoRA adapter"}
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_name_or_path", default="models/tiny-glm", help="local base model folder")
-    parser.add_argument("--checkpoint", default=None,
-                        help="P-Tuning v2 checkpoint folder or LoRA adapter folder (the kind is detected); none: the base alone")
-    parser.add_argument("--quantization_bit", type=int, choices=[4, 8], default=None,
-                        help="quantize the base to 4 or 8 bits at load time (CUDA GPU + bitsandbytes)")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="P-Tuning v2 checkpoint folder or LoRA adapter folder (the kind is detected); none: the base alone",
+    )
+    parser.add_argument(
+        "--quantization_bit",
+        type=int,
+        choices=[4, 8],
+        default=None,
+        help="quantize the base to 4 or 8 bits at load time (CUDA GPU + bitsandbytes)",
+    )
     parser.add_argument("--torch_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--prompt_template", default="auto",
-                        choices=TEMPLATES, help="the template the checkpoint was trained with (default auto, as in training)")
+    parser.add_argument(
+        "--prompt_template",
+        default="auto",
+        choices=TEMPLATES,
+        help="the template the checkpoint was trained with (default auto, as in training)",
+    )
     parser.add_argument("--source_prefix", default="", help="text put before every query, as in training")
-    parser.add_argument("--max_source_length", type=int, default=1024,
-                        help="prompt tokens kept (history included; the oldest text is cut first as in training)")
+    parser.add_argument(
+        "--max_source_length",
+        type=int,
+        default=1024,
+        help="prompt tokens kept (history included; the oldest text is cut first as in training)",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--top_p", type=float, default=0.7)
@@ -49,16 +65,28 @@ def load(args):
     from glmtune.inference import load_tuned
 
     if args.quantization_bit and not torch.cuda.is_available():
-        raise GlmtuneError(f"--quantization_bit {args.quantization_bit} needs a CUDA GPU (bitsandbytes quantizes on the GPU)")
-    return load_tuned(args.model_name_or_path, args.checkpoint, quantization_bit=args.quantization_bit,
-                      torch_dtype=args.torch_dtype, prompt_template=args.prompt_template,
-                      source_prefix=args.source_prefix, max_source_length=args.max_source_length)
+        raise GlmtuneError(
+            f"--quantization_bit {args.quantization_bit} needs a CUDA GPU (bitsandbytes quantizes on the GPU)"
+        )
+    return load_tuned(
+        args.model_name_or_path,
+        args.checkpoint,
+        quantization_bit=args.quantization_bit,
+        torch_dtype=args.torch_dtype,
+        prompt_template=args.prompt_template,
+        source_prefix=args.source_prefix,
+        max_source_length=args.max_source_length,
+    )
 
 
 def welcome(args, method: str) -> str:
-    tuned = f" + {METHOD_NAMES[method]} {args.checkpoint}" if method in METHOD_NAMES else " (no checkpoint: the base alone)"
-    return (f"欢迎使用 {args.model_name_or_path}{tuned}。输入内容即可对话，"
-            f"clear 清空对话历史，stop / exit 退出 (type to chat; clear: forget the history; stop/exit: quit)")
+    tuned = (
+        f" + {METHOD_NAMES[method]} {args.checkpoint}" if method in METHOD_NAMES else " (no checkpoint: the base alone)"
+    )
+    return (
+        f"欢迎使用 {args.model_name_or_path}{tuned}。输入内容即可对话，"
+        f"clear 清空对话历史，stop / exit 退出 (type to chat; clear: forget the history; stop/exit: quit)"
+    )
 
 
 def read_query(echo: bool):
@@ -74,8 +102,12 @@ def read_query(echo: bool):
 
 
 def chat(tuned, args) -> None:
-    generate_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
-                       "top_p": args.top_p, "temperature": args.temperature}
+    generate_kwargs = {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.do_sample,
+        "top_p": args.top_p,
+        "temperature": args.temperature,
+    }
     history = []
     print(welcome(args, tuned.method), flush=True)
     echo = not sys.stdin.isatty()

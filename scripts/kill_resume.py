@@ -36,11 +36,35 @@ CHECKPOINT_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_st
 
 def command(method: str, model_dir, output_dir, seed: int) -> list:
     return [
-        sys.executable, str(REPO / method / "main.py"), "--do_train", "--train_file", str(TOY_TRAIN),
-        "--model_name_or_path", str(model_dir), "--output_dir", str(output_dir),
-        "--max_source_length", "32", "--max_target_length", "16", "--max_train_samples", "48",
-        "--per_device_train_batch_size", "4", "--max_steps", str(MAX_STEPS), "--save_steps", str(SAVE_STEPS),
-        "--dataloader_num_workers", "0", "--report_to", "none", "--logging_steps", "1", "--seed", str(seed),
+        sys.executable,
+        str(REPO / method / "main.py"),
+        "--do_train",
+        "--train_file",
+        str(TOY_TRAIN),
+        "--model_name_or_path",
+        str(model_dir),
+        "--output_dir",
+        str(output_dir),
+        "--max_source_length",
+        "32",
+        "--max_target_length",
+        "16",
+        "--max_train_samples",
+        "48",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_steps",
+        str(MAX_STEPS),
+        "--save_steps",
+        str(SAVE_STEPS),
+        "--dataloader_num_workers",
+        "0",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        "--seed",
+        str(seed),
         *METHOD_FLAGS[method],
     ]
 
@@ -160,9 +184,13 @@ def main(argv=None) -> int:
     global MAX_STEPS  # read by command() and check_output(); the tests keep the default of 12
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=MAX_STEPS,
-                        help="training steps (checkpoint every 2); each timed kill waits for a new checkpoint, "
-                        "so 10 kills need about 24 steps")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=MAX_STEPS,
+        help="training steps (checkpoint every 2); each timed kill waits for a new checkpoint, "
+        "so 10 kills need about 24 steps",
+    )
     parser.add_argument("--method", choices=["ptuning", "lora", "both"], default="both")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--model_name_or_path", help="default: a freshly built tiny GLM (random weights)")
@@ -182,8 +210,10 @@ def main(argv=None) -> int:
     rows = [trial(m, model_dir, workdir, args.kills, args.seed) for m in methods]
     print(f"\n{'method':8} {'kills':>5} {'in save':>7} {'restarts':>8} {'equal':>6} {'max abs diff':>12} {'wall s':>7}")
     for r in rows:
-        print(f"{r['method']:8} {r['kills']:>5} {r['kills_during_save']:>7} {r['restarts']:>8} "
-              f"{str(r['equal']):>6} {r['max_abs_diff']:>12.3g} {r['wall_s']:>7.1f}")
+        print(
+            f"{r['method']:8} {r['kills']:>5} {r['kills_during_save']:>7} {r['restarts']:>8} "
+            f"{str(r['equal']):>6} {r['max_abs_diff']:>12.3g} {r['wall_s']:>7.1f}"
+        )
         print(f"         resumed from steps: {r['resumed_from']}")
     print(f"(logs and outputs in {workdir})")
     return 0 if all(r["equal"] for r in rows) else 1

@@ -30,13 +30,21 @@ def parse_args(argv=None):
     parser.add_argument("--model_name_or_path", default="models/tiny-glm", help="the base the adapter was trained on")
     parser.add_argument("--checkpoint", required=True, help="the LoRA adapter folder (adapter_config.json)")
     parser.add_argument("--output", default=None, help="merged model folder (default: CHECKPOINT-merged)")
-    parser.add_argument("--torch_dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the base during the merge and of the saved weights (bfloat16: half the size)")
+    parser.add_argument(
+        "--torch_dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the base during the merge and of the saved weights (bfloat16: half the size)",
+    )
     parser.add_argument("--max_shard_size", default="2GB", help="largest *.safetensors file, e.g. 2GB, 500MB")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT folder")
     parser.add_argument("--trust_remote_code", action="store_true", help="for bases that ship their own model code")
-    parser.add_argument("--quantization_bit", type=int, default=None,
-                        help="refused: the merge needs the full-precision base; quantize the merged model at load time")
+    parser.add_argument(
+        "--quantization_bit",
+        type=int,
+        default=None,
+        help="refused: the merge needs the full-precision base; quantize the merged model at load time",
+    )
     return parser.parse_args(argv)
 
 
@@ -66,7 +74,9 @@ def check_args(args) -> None:
         if output == path or path.startswith(output + os.sep):
             raise GlmtuneError(f"--output {args.output} would replace {flag} {path}: choose another folder")
     if os.path.exists(args.output) and not args.overwrite:
-        raise GlmtuneError(f"--output {args.output} already exists: pass --overwrite to replace it, or choose another folder")
+        raise GlmtuneError(
+            f"--output {args.output} already exists: pass --overwrite to replace it, or choose another folder"
+        )
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise GlmtuneError(f"--output {args.output} is a file, not a folder")
     from transformers.utils.hub import convert_file_size_to_int
@@ -83,12 +93,17 @@ def merge(args) -> str:
     from glmtune.arguments import LoraArguments, ModelArguments
     from glmtune.model import load_base_model, load_plain_tokenizer
 
-    model_args = ModelArguments(model_name_or_path=args.model_name_or_path, torch_dtype=args.torch_dtype,
-                                trust_remote_code=args.trust_remote_code)
+    model_args = ModelArguments(
+        model_name_or_path=args.model_name_or_path,
+        torch_dtype=args.torch_dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
     try:  # the tokenizer as the base ships it (no pad token added, unlike training's loader)
         tokenizer = load_plain_tokenizer(model_args)
     except (OSError, ValueError) as error:
-        raise GlmtuneError(f"--model_name_or_path {args.model_name_or_path}: cannot load its tokenizer: {error}") from None
+        raise GlmtuneError(
+            f"--model_name_or_path {args.model_name_or_path}: cannot load its tokenizer: {error}"
+        ) from None
     base = load_base_model(model_args)
     model = add_lora(base, LoraArguments(lora_checkpoint=args.checkpoint))
     logger.info("Merging %s into %s (%s)", args.checkpoint, args.model_name_or_path, args.torch_dtype)
@@ -103,7 +118,9 @@ def merge(args) -> str:
         save_kwargs["safe_serialization"] = True  # transformers 4; transformers 5 always writes safetensors
     merged.save_pretrained(partial, **save_kwargs)
     tokenizer.save_pretrained(partial)
-    if getattr(merged, "generation_config", None) is not None and not os.path.isfile(os.path.join(partial, "generation_config.json")):
+    if getattr(merged, "generation_config", None) is not None and not os.path.isfile(
+        os.path.join(partial, "generation_config.json")
+    ):
         merged.generation_config.save_pretrained(partial)
     if os.path.exists(args.output):  # --overwrite, checked before
         shutil.rmtree(args.output)
@@ -123,8 +140,10 @@ def main(argv=None) -> None:
         sys.exit(2)
     shards = sorted(name for name in os.listdir(output) if name.endswith(".safetensors"))
     size = sum(os.path.getsize(os.path.join(output, name)) for name in shards)
-    print(f"Merged {args.checkpoint} into {args.model_name_or_path}: {output} "
-          f"({len(shards)} safetensors file{'s' if len(shards) != 1 else ''}, {size / 2**20:.1f} MiB, {args.torch_dtype})")
+    print(
+        f"Merged {args.checkpoint} into {args.model_name_or_path}: {output} "
+        f"({len(shards)} safetensors file{'s' if len(shards) != 1 else ''}, {size / 2**20:.1f} MiB, {args.torch_dtype})"
+    )
 
 
 if __name__ == "__main__":

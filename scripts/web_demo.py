@@ -38,13 +38,21 @@ MONO_FONTS = ["ui-monospace", "Consolas", "monospace"]
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", default="models/tiny-glm", help="local base model folder")
-    parser.add_argument("--checkpoint", default=None,
-                        help="P-Tuning v2 checkpoint or LoRA adapter folder (kind detected); omit or 'none' for the base")
-    parser.add_argument("--quantization_bit", type=int, choices=[4, 8], default=None,
-                        help="quantize the base to 4 or 8 bits (CUDA GPU + bitsandbytes)")
-    parser.add_argument("--prompt_template", default="auto",
-                        choices=TEMPLATES,
-                        help="prompt format, as in training (default auto)")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="P-Tuning v2 checkpoint or LoRA adapter folder (kind detected); omit or 'none' for the base",
+    )
+    parser.add_argument(
+        "--quantization_bit",
+        type=int,
+        choices=[4, 8],
+        default=None,
+        help="quantize the base to 4 or 8 bits (CUDA GPU + bitsandbytes)",
+    )
+    parser.add_argument(
+        "--prompt_template", default="auto", choices=TEMPLATES, help="prompt format, as in training (default auto)"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also publish a public gradio.live link (off by default)")
@@ -63,8 +71,14 @@ def build_demo(tuned, title: str = "glmtune chat") -> gr.Blocks:
         sample = temperature > 0
         chatbot += [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
         answer = ""
-        for piece in tuned.stream(query, history, max_new_tokens=int(max_new_tokens), do_sample=sample,
-                                  top_p=top_p if sample else None, temperature=temperature if sample else None):
+        for piece in tuned.stream(
+            query,
+            history,
+            max_new_tokens=int(max_new_tokens),
+            do_sample=sample,
+            top_p=top_p if sample else None,
+            temperature=temperature if sample else None,
+        ):
             answer += piece
             chatbot[-1] = {"role": "assistant", "content": answer.strip()}
             yield chatbot, history
@@ -74,8 +88,7 @@ def build_demo(tuned, title: str = "glmtune chat") -> gr.Blocks:
 
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"## {title}\n{tuned.method} model; temperature 0 decodes greedily.")
-        chatbot = gr.Chatbot(elem_id="chatbot", label="Chat", height=420, render_markdown=False,
-                             feedback_options=None)
+        chatbot = gr.Chatbot(elem_id="chatbot", label="Chat", height=420, render_markdown=False, feedback_options=None)
         with gr.Row():
             with gr.Column(scale=4):
                 user_input = gr.Textbox(elem_id="user_input", show_label=False, placeholder="Input...", lines=4)
@@ -83,15 +96,33 @@ def build_demo(tuned, title: str = "glmtune chat") -> gr.Blocks:
                     submit_btn = gr.Button("Submit", elem_id="submit_btn", variant="primary")
                     empty_btn = gr.Button("Clear history", elem_id="clear_btn")
             with gr.Column(scale=1):
-                max_length = gr.Slider(1, 4096, value=MAX_NEW_TOKENS, step=1, label="Max new tokens",
-                                       elem_id="max_new_tokens", interactive=True)
+                max_length = gr.Slider(
+                    1,
+                    4096,
+                    value=MAX_NEW_TOKENS,
+                    step=1,
+                    label="Max new tokens",
+                    elem_id="max_new_tokens",
+                    interactive=True,
+                )
                 top_p = gr.Slider(0, 1, value=TOP_P, step=0.01, label="Top P", elem_id="top_p", interactive=True)
-                temperature = gr.Slider(0, 1.5, value=TEMPERATURE, step=0.01, label="Temperature (0: greedy)",
-                                        elem_id="temperature", interactive=True)
+                temperature = gr.Slider(
+                    0,
+                    1.5,
+                    value=TEMPERATURE,
+                    step=0.01,
+                    label="Temperature (0: greedy)",
+                    elem_id="temperature",
+                    interactive=True,
+                )
         history = gr.State([])
 
-        submit_btn.click(predict, [user_input, chatbot, max_length, top_p, temperature, history], [chatbot, history],
-                         show_progress="minimal")
+        submit_btn.click(
+            predict,
+            [user_input, chatbot, max_length, top_p, temperature, history],
+            [chatbot, history],
+            show_progress="minimal",
+        )
         submit_btn.click(lambda: "", [], [user_input])
         empty_btn.click(lambda: ([], []), outputs=[chatbot, history])
         chatbot.clear(lambda: [], outputs=[history])  # the chatbot's own trash icon forgets the history too
@@ -101,13 +132,22 @@ def build_demo(tuned, title: str = "glmtune chat") -> gr.Blocks:
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
-        tuned = load_tuned(args.model_name_or_path, args.checkpoint, quantization_bit=args.quantization_bit,
-                           prompt_template=args.prompt_template)
+        tuned = load_tuned(
+            args.model_name_or_path,
+            args.checkpoint,
+            quantization_bit=args.quantization_bit,
+            prompt_template=args.prompt_template,
+        )
     except GlmtuneError as error:
         sys.exit(f"web_demo: {error}")
     demo = build_demo(tuned)
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False,
-                        theme=gr.themes.Default(font=FONTS, font_mono=MONO_FONTS))
+    demo.queue().launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        inbrowser=False,
+        theme=gr.themes.Default(font=FONTS, font_mono=MONO_FONTS),
+    )
 
 
 if __name__ == "__main__":

@@ -57,17 +57,42 @@ def _train_checkpoint(tmp_path_factory, model_dir, method: str, flags: list) -> 
     from glmtune.cli import main
 
     out = tmp_path_factory.mktemp(f"{method}-checkpoint")
-    main(method, ["--do_train", "--train_file", str(TOY_TRAIN), "--model_name_or_path", str(model_dir),
-                  "--output_dir", str(out), "--max_train_samples", "16", "--per_device_train_batch_size", "4",
-                  "--max_steps", "2", "--max_source_length", "32", "--max_target_length", "16",
-                  "--report_to", "none", "--save_strategy", "no", *flags])
+    main(
+        method,
+        [
+            "--do_train",
+            "--train_file",
+            str(TOY_TRAIN),
+            "--model_name_or_path",
+            str(model_dir),
+            "--output_dir",
+            str(out),
+            "--max_train_samples",
+            "16",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_steps",
+            "2",
+            "--max_source_length",
+            "32",
+            "--max_target_length",
+            "16",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            *flags,
+        ],
+    )
     return out
 
 
 @pytest.fixture(scope="session")
 def ptuning_checkpoint(tmp_path_factory, tiny_model_dir) -> Path:
     """A P-Tuning v2 checkpoint (pre_seq_len 4) trained 2 steps on the session's tiny model."""
-    return _train_checkpoint(tmp_path_factory, tiny_model_dir, "ptuning", ["--pre_seq_len", "4", "--learning_rate", "1e-2"])
+    return _train_checkpoint(
+        tmp_path_factory, tiny_model_dir, "ptuning", ["--pre_seq_len", "4", "--learning_rate", "1e-2"]
+    )
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +114,9 @@ def demo_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def demo_ptuning_checkpoint(tmp_path_factory, demo_model_dir) -> Path:
     """A P-Tuning v2 checkpoint (pre_seq_len 4) trained 2 steps on the embedded default model."""
-    return _train_checkpoint(tmp_path_factory, demo_model_dir, "ptuning", ["--pre_seq_len", "4", "--learning_rate", "1e-2"])
+    return _train_checkpoint(
+        tmp_path_factory, demo_model_dir, "ptuning", ["--pre_seq_len", "4", "--learning_rate", "1e-2"]
+    )
 
 
 # ----------------------------------------------------------------------------- original ChatGLM folders
@@ -114,4 +141,3 @@ def chatglm_folder(version: str, out: Path) -> str:
     for file in (SHARED / "tokenizers" / tokenizer_dir).iterdir():
         shutil.copy(file, out / file.name)
     return str(out)
-

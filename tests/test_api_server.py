@@ -36,7 +36,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, str(REPO / "scripts" / "api_server.py"), "--port", str(self.port), *map(str, flags)],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})},
         )
 
@@ -87,16 +90,35 @@ def servers(tiny_model_dir, lora_checkpoint, ptuning_checkpoint):
     """Both servers start at once (their imports overlap with each other and with the in-process answers)."""
     from glmtune.inference import load_tuned
 
-    lora = Server("--model_name_or_path", tiny_model_dir, "--checkpoint", lora_checkpoint,
-                  "--max_source_length", MAX_SOURCE_LENGTH, "--max_batch_size", 8, env={"GLMTUNE_API_KEY": KEY})
-    ptuning = Server("--model_name_or_path", tiny_model_dir, "--checkpoint", ptuning_checkpoint,
-                     "--max_source_length", 256, "--model_name", "pt")
+    lora = Server(
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--checkpoint",
+        lora_checkpoint,
+        "--max_source_length",
+        MAX_SOURCE_LENGTH,
+        "--max_batch_size",
+        8,
+        env={"GLMTUNE_API_KEY": KEY},
+    )
+    ptuning = Server(
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--checkpoint",
+        ptuning_checkpoint,
+        "--max_source_length",
+        256,
+        "--model_name",
+        "pt",
+    )
     try:
         tuned = load_tuned(str(tiny_model_dir), str(lora_checkpoint), max_source_length=MAX_SOURCE_LENGTH)
         lora.expected = [tuned.generate([query], max_new_tokens=TOKENS)[0] for query in QUERIES]
         tuned = load_tuned(str(tiny_model_dir), str(ptuning_checkpoint), max_source_length=256)
-        ptuning.expected = [tuned.generate([QUERIES[0]], max_new_tokens=TOKENS)[0],
-                            tuned.generate([QUERIES[2]], [HISTORY], max_new_tokens=TOKENS)[0]]
+        ptuning.expected = [
+            tuned.generate([QUERIES[0]], max_new_tokens=TOKENS)[0],
+            tuned.generate([QUERIES[2]], [HISTORY], max_new_tokens=TOKENS)[0],
+        ]
         yield {"lora": lora.wait(KEY), "ptuning": ptuning.wait()}
     finally:
         lora.stop()
@@ -114,8 +136,9 @@ def lora_expected(servers):
 
 
 def chat(client, query, **kwargs):
-    return client.chat.completions.create(model="any", messages=[{"role": "user", "content": query}],
-                                          max_tokens=TOKENS, **kwargs)
+    return client.chat.completions.create(
+        model="any", messages=[{"role": "user", "content": query}], max_tokens=TOKENS, **kwargs
+    )
 
 
 def test_plain_and_streamed_completions_match_in_process_generation(lora_server, lora_expected, lora_checkpoint):
@@ -159,18 +182,25 @@ def test_concurrent_clients_each_get_their_own_answer(lora_server, lora_expected
     assert [replies[i] for i in range(len(order))] == lora_expected
 
 
-@pytest.mark.parametrize("raw, param", [
-    (b"{not json", None),
-    (json.dumps({"model": "m"}).encode(), "messages"),
-    (json.dumps({"model": "m", "messages": []}).encode(), "messages"),
-    (json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}).encode(),
-     "messages"),
-    (json.dumps({"messages": [{"role": "tool", "content": "a"}]}).encode(), "messages[0].role"),
-    (json.dumps({"messages": [{"role": "user", "content": 3}]}).encode(), "messages[0].content"),
-    (json.dumps({"messages": [{"role": "user", "content": "a"}], "n": 2}).encode(), "n"),
-    (json.dumps({"messages": [{"role": "user", "content": "a"}], "max_tokens": "8"}).encode(), "max_tokens"),
-    (json.dumps({"messages": [{"role": "user", "content": "a"}], "stop": ["\n"]}).encode(), "stop"),
-])
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        (b"{not json", None),
+        (json.dumps({"model": "m"}).encode(), "messages"),
+        (json.dumps({"model": "m", "messages": []}).encode(), "messages"),
+        (
+            json.dumps(
+                {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+            ).encode(),
+            "messages",
+        ),
+        (json.dumps({"messages": [{"role": "tool", "content": "a"}]}).encode(), "messages[0].role"),
+        (json.dumps({"messages": [{"role": "user", "content": 3}]}).encode(), "messages[0].content"),
+        (json.dumps({"messages": [{"role": "user", "content": "a"}], "n": 2}).encode(), "n"),
+        (json.dumps({"messages": [{"role": "user", "content": "a"}], "max_tokens": "8"}).encode(), "max_tokens"),
+        (json.dumps({"messages": [{"role": "user", "content": "a"}], "stop": ["\n"]}).encode(), "stop"),
+    ],
+)
 def test_malformed_requests_get_openai_style_errors(lora_server, raw, param):
     status, body = request(lora_server.url + "/v1/chat/completions", raw=raw)
     assert status == 400
@@ -203,15 +233,30 @@ def test_ptuning_checkpoint_with_history_and_system_message(servers):
     client = server.client("any key: this server has none")
     reply = chat(client, QUERIES[0])
     assert (reply.model, reply.choices[0].message.content) == ("pt", server.expected[0])
-    messages = [{"role": "system", "content": "系统提示"}, {"role": "user", "content": QUERIES[1]},
-                {"role": "assistant", "content": "好的。"}, {"role": "user", "content": QUERIES[2]}]
+    messages = [
+        {"role": "system", "content": "系统提示"},
+        {"role": "user", "content": QUERIES[1]},
+        {"role": "assistant", "content": "好的。"},
+        {"role": "user", "content": QUERIES[2]},
+    ]
     reply = client.chat.completions.create(model="pt", messages=messages, max_tokens=TOKENS)
     assert reply.choices[0].message.content == server.expected[1]
 
 
 def test_a_bad_checkpoint_stops_the_server_with_exit_status_2(tiny_model_dir, tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "api_server.py"), "--model_name_or_path",
-                             str(tiny_model_dir), "--checkpoint", str(tmp_path / "missing")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "api_server.py"),
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--checkpoint",
+            str(tmp_path / "missing"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "error: checkpoint" in result.stderr and "no such folder" in result.stderr

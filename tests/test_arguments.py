@@ -38,20 +38,38 @@ def _names(problems, *needles):
 # ----------------------------------------------------------------------------- refused combinations
 
 
-@pytest.mark.parametrize("method, extra, pre_seq_len, needles", [
-    ("lora", ["--pre_seq_len", 8], None, ["--pre_seq_len", "P-Tuning v2"]),
-    ("lora", ["--prefix_projection"], None, ["--prefix_projection", "P-Tuning v2"]),
-    ("ptuning", ["--lora_rank", 4], 4, ["--lora_rank", "LoRA"]),
-    ("ptuning", [], None, ["--pre_seq_len is required"]),
-    ("lora", ["--quantization_bit", 3], None, ["--quantization_bit must be 4 or 8, got 3"]),
-    ("lora", ["--max_source_length", 0], None, ["--max_source_length must be a positive integer, got 0"]),
-    ("ptuning", ["--max_source_length", -1], 4, ["--max_source_length must be a positive integer, got -1"]),
-    ("lora", ["--prompt_template", "bogus"], None, ["--prompt_template", "bogus"]),
-    ("lora", ["--prompt_template", "raw", "--history_column", "history"], None, ["--prompt_template raw", "--history_column"]),
-    ("lora", ["--test_file", TOY_DEV], None, ["--test_file", "--do_predict"]),
-], ids=["pre_seq_len-lora", "prefix_projection-lora", "lora_rank-ptuning", "ptuning-no-pre_seq_len",
-        "quantization-3", "max_source_length-0", "max_source_length-minus-1", "bogus-template",
-        "raw-with-history", "test_file-without-do_predict"])
+@pytest.mark.parametrize(
+    "method, extra, pre_seq_len, needles",
+    [
+        ("lora", ["--pre_seq_len", 8], None, ["--pre_seq_len", "P-Tuning v2"]),
+        ("lora", ["--prefix_projection"], None, ["--prefix_projection", "P-Tuning v2"]),
+        ("ptuning", ["--lora_rank", 4], 4, ["--lora_rank", "LoRA"]),
+        ("ptuning", [], None, ["--pre_seq_len is required"]),
+        ("lora", ["--quantization_bit", 3], None, ["--quantization_bit must be 4 or 8, got 3"]),
+        ("lora", ["--max_source_length", 0], None, ["--max_source_length must be a positive integer, got 0"]),
+        ("ptuning", ["--max_source_length", -1], 4, ["--max_source_length must be a positive integer, got -1"]),
+        ("lora", ["--prompt_template", "bogus"], None, ["--prompt_template", "bogus"]),
+        (
+            "lora",
+            ["--prompt_template", "raw", "--history_column", "history"],
+            None,
+            ["--prompt_template raw", "--history_column"],
+        ),
+        ("lora", ["--test_file", TOY_DEV], None, ["--test_file", "--do_predict"]),
+    ],
+    ids=[
+        "pre_seq_len-lora",
+        "prefix_projection-lora",
+        "lora_rank-ptuning",
+        "ptuning-no-pre_seq_len",
+        "quantization-3",
+        "max_source_length-0",
+        "max_source_length-minus-1",
+        "bogus-template",
+        "raw-with-history",
+        "test_file-without-do_predict",
+    ],
+)
 def test_refused(tiny_model_dir, tmp_path, method, extra, pre_seq_len, needles):
     problems = _problems(method, _argv(tiny_model_dir, tmp_path / "out", *extra, pre_seq_len=pre_seq_len))
     assert len(problems) == 1, problems  # only the problem at hand
@@ -127,13 +145,37 @@ def test_output_dir_with_checkpoints(tiny_model_dir, tmp_path):
 
 
 def test_several_problems_reported_together(tmp_path):
-    argv = ["--model_name_or_path", str(tmp_path / "no-model"), "--output_dir", str(tmp_path / "out"),
-            "--do_train", "--train_file", str(tmp_path / "missing.json"), "--test_file", str(TOY_DEV),
-            "--pre_seq_len", "8", "--quantization_bit", "3", "--max_source_length", "0", "--prompt_template", "bogus"]
+    argv = [
+        "--model_name_or_path",
+        str(tmp_path / "no-model"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--do_train",
+        "--train_file",
+        str(tmp_path / "missing.json"),
+        "--test_file",
+        str(TOY_DEV),
+        "--pre_seq_len",
+        "8",
+        "--quantization_bit",
+        "3",
+        "--max_source_length",
+        "0",
+        "--prompt_template",
+        "bogus",
+    ]
     problems = _problems("lora", argv)
     assert len(problems) >= 3
-    assert _names(problems, "--pre_seq_len", "--quantization_bit", "--max_source_length", "--prompt_template",
-                  "--train_file", "--model_name_or_path", "--test_file")
+    assert _names(
+        problems,
+        "--pre_seq_len",
+        "--quantization_bit",
+        "--max_source_length",
+        "--prompt_template",
+        "--train_file",
+        "--model_name_or_path",
+        "--test_file",
+    )
     assert len(problems) == 7
 
 
@@ -148,8 +190,19 @@ def test_unknown_method_and_unknown_dict_key(tiny_model_dir, tmp_path):
 
 
 def test_valid_ptuning(tiny_model_dir, tmp_path):
-    config = parse_args("ptuning", _argv(tiny_model_dir, tmp_path / "out", "--do_eval", "--validation_file", TOY_DEV,
-                                         "--max_target_length", 48, pre_seq_len=4))
+    config = parse_args(
+        "ptuning",
+        _argv(
+            tiny_model_dir,
+            tmp_path / "out",
+            "--do_eval",
+            "--validation_file",
+            TOY_DEV,
+            "--max_target_length",
+            48,
+            pre_seq_len=4,
+        ),
+    )
     assert isinstance(config, RunConfig)
     assert config.method == "ptuning"
     assert config.ptuning.pre_seq_len == 4
@@ -167,29 +220,54 @@ def test_valid_lora_fills_defaults(tiny_model_dir, tmp_path):
     config = parse_args("lora", _argv(tiny_model_dir, tmp_path / "out"))
     assert config.method == "lora"
     assert (config.lora.lora_rank, config.lora.lora_alpha, config.lora.lora_dropout, config.lora.lora_target) == (
-        8, 32, 0.1, "all")
+        8,
+        32,
+        0.1,
+        "all",
+    )
     assert config.data.val_max_target_length == config.data.max_target_length == 128
     assert config.training.gradient_checkpointing_kwargs == {"use_reentrant": False}
     assert config.ptuning.pre_seq_len is None
 
 
 def test_explicit_values_are_kept(tiny_model_dir, tmp_path):
-    config = parse_args("lora", _argv(tiny_model_dir, tmp_path / "out", "--lora_rank", 4, "--lora_target",
-                                      "q_proj,v_proj", "--max_target_length", 64, "--val_max_target_length", 16))
+    config = parse_args(
+        "lora",
+        _argv(
+            tiny_model_dir,
+            tmp_path / "out",
+            "--lora_rank",
+            4,
+            "--lora_target",
+            "q_proj,v_proj",
+            "--max_target_length",
+            64,
+            "--val_max_target_length",
+            16,
+        ),
+    )
     assert config.lora.lora_rank == 4 and config.lora.lora_target == "q_proj,v_proj"
     assert config.lora.lora_alpha == 32 and config.lora.lora_dropout == 0.1
     assert config.data.val_max_target_length == 16
 
 
 def test_do_predict_forces_predict_with_generate(tiny_model_dir, tmp_path):
-    config = parse_args("lora", _argv(tiny_model_dir, tmp_path / "out", "--do_predict", "--test_file", TOY_DEV,
-                                      train=False))
+    config = parse_args(
+        "lora", _argv(tiny_model_dir, tmp_path / "out", "--do_predict", "--test_file", TOY_DEV, train=False)
+    )
     assert config.training.do_predict and config.training.predict_with_generate is True
 
 
 def _as_dict(model_dir, out):
-    return {"model_name_or_path": str(model_dir), "output_dir": str(out), "do_train": True,
-            "train_file": str(TOY_TRAIN), "pre_seq_len": 4, "max_source_length": 32, "max_target_length": 24}
+    return {
+        "model_name_or_path": str(model_dir),
+        "output_dir": str(out),
+        "do_train": True,
+        "train_file": str(TOY_TRAIN),
+        "pre_seq_len": 4,
+        "max_source_length": 32,
+        "max_target_length": 24,
+    }
 
 
 def test_parse_from_dict(tiny_model_dir, tmp_path):
@@ -223,8 +301,9 @@ def test_missing_json_config_is_an_arguments_error(tmp_path):
 
 def test_quoted_number_in_json_config_is_an_arguments_error(tiny_model_dir, tmp_path):
     path = tmp_path / "run.json"
-    path.write_text(json.dumps({**_as_dict(tiny_model_dir, tmp_path / "out"), "max_source_length": "64"}),
-                    encoding="utf-8")
+    path.write_text(
+        json.dumps({**_as_dict(tiny_model_dir, tmp_path / "out"), "max_source_length": "64"}), encoding="utf-8"
+    )
     with pytest.raises(ArgumentsError):
         parse_args("ptuning", [str(path)])
 
@@ -243,16 +322,30 @@ def cli_runs(tiny_model_dir, tmp_path_factory):
     bad = write_jsonl(tmp / "bad.jsonl", [{"content": "类型#裤", "summary": "裤子。"}, '{"content": "x",'])
     common = ["--model_name_or_path", tiny_model_dir, "--max_steps", 1, "--report_to", "none"]
     runs = {
-        "bad_data": ("ptuning/main.py", ["--do_train", "--train_file", bad, "--pre_seq_len", 4,
-                                         "--output_dir", tmp / "out-ptuning", *common]),
-        "lora_pre_seq_len": ("lora/main.py", ["--pre_seq_len", 8, "--do_train", "--train_file", TOY_TRAIN,
-                                              "--output_dir", tmp / "out-lora", *common]),
+        "bad_data": (
+            "ptuning/main.py",
+            ["--do_train", "--train_file", bad, "--pre_seq_len", 4, "--output_dir", tmp / "out-ptuning", *common],
+        ),
+        "lora_pre_seq_len": (
+            "lora/main.py",
+            ["--pre_seq_len", 8, "--do_train", "--train_file", TOY_TRAIN, "--output_dir", tmp / "out-lora", *common],
+        ),
     }
-    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp / "hf-cache"), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_DATASETS_CACHE": str(tmp / "hf-cache"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     processes = {
-        name: subprocess.Popen([sys.executable, script, *map(str, argv)], cwd=REPO, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        name: subprocess.Popen(
+            [sys.executable, script, *map(str, argv)],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         for name, (script, argv) in runs.items()
     }
     results = {}

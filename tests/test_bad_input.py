@@ -47,8 +47,16 @@ class Case:
         return path
 
     def train(self, method, train_file, *extra, model=None):
-        argv = ["--do_train", "--train_file", str(train_file), "--model_name_or_path", str(model or self.model),
-                "--output_dir", str(self.out), *SMALL]
+        argv = [
+            "--do_train",
+            "--train_file",
+            str(train_file),
+            "--model_name_or_path",
+            str(model or self.model),
+            "--output_dir",
+            str(self.out),
+            *SMALL,
+        ]
         if method == "ptuning" and "--pre_seq_len" not in extra:
             argv += ["--pre_seq_len", "4"]
         return method, argv + [str(x) for x in extra]
@@ -56,8 +64,18 @@ class Case:
     def predict(self, method, test_file, *extra, checkpoint=None, model=None):
         if checkpoint is None:
             checkpoint = self.ptuning_checkpoint if method == "ptuning" else self.lora_checkpoint
-        argv = ["--do_predict", "--test_file", str(test_file), "--model_name_or_path", str(model or self.model),
-                "--output_dir", str(self.out), f"--{method}_checkpoint", str(checkpoint), *SMALL]
+        argv = [
+            "--do_predict",
+            "--test_file",
+            str(test_file),
+            "--model_name_or_path",
+            str(model or self.model),
+            "--output_dir",
+            str(self.out),
+            f"--{method}_checkpoint",
+            str(checkpoint),
+            *SMALL,
+        ]
         return method, argv + [str(x) for x in extra]
 
     def copy(self, source, name):
@@ -71,130 +89,272 @@ def _files(root):
 # Each case: (id, setup(case) -> ((method, argv), [needles for each expected error line]), *marks).
 CASES = [
     # ---- data files: the message names the file, the line (or element) and the field
-    ("malformed-json-line", lambda c: (
-        c.train("ptuning", p := c.jsonl("bad.jsonl", [GOOD, '{"content": "x", "summary": }'])),
-        [[f"{p}:2:", "invalid JSON"]])),
-    ("json-array-non-object-element", lambda c: (
-        c.train("lora", p := c.file("array.json", json.dumps([GOOD, ["not", "an", "object"]]))),
-        [[str(p), "element 1", "expected a JSON object, got list"]])),
-    ("missing-prompt-column", lambda c: (
-        c.train("ptuning", p := c.jsonl("cols.jsonl", [GOOD, {"title": "t", "summary": "s"}])),
-        [[f"{p}:2:", "'content'", "--prompt_column", "fields present: summary, title"]])),
-    ("missing-response-column", lambda c: (
-        c.predict("lora", p := c.jsonl("cols.jsonl", [{"content": "c", "answer": "a"}])),
-        [[f"{p}:1:", "'summary'", "--response_column"]])),
-    ("null-prompt-in-every-row", lambda c: (
-        c.train("ptuning", p := c.jsonl("nulls.jsonl", [{"content": None, "summary": "s"}] * 3)),
-        [[str(p), "every row has an empty prompt or response"]])),
-    ("empty-strings-in-every-row", lambda c: (
-        c.train("lora", p := c.jsonl("empty.jsonl", [{"content": "", "summary": "s"}, {"content": "c", "summary": ""}])),
-        [[str(p), "every row has an empty prompt or response"]])),
-    ("number-value", lambda c: (
-        c.train("ptuning", p := c.jsonl("num.jsonl", [GOOD, GOOD, {"content": 42, "summary": "s"}])),
-        [[f"{p}:3:", "field 'content' must be a string, got int"]])),
-    ("list-value", lambda c: (
-        c.predict("ptuning", p := c.jsonl("list.jsonl", [{"content": "c", "summary": ["a", "b"]}])),
-        [[f"{p}:1:", "field 'summary' must be a string, got list"]])),
-    ("history-string", lambda c: (
-        c.train("lora", p := c.jsonl("h.jsonl", [{**GOOD, "history": "q1 a1"}]), "--history_column", "history"),
-        [[f"{p}:1:", "field 'history'", "[query, answer] pairs"]])),
-    ("history-3-element-pairs", lambda c: (
-        c.train("ptuning", p := c.jsonl("h.jsonl", [GOOD, {**GOOD, "history": [["q", "a", "x"]]}]),
-                "--history_column", "history"),
-        [[f"{p}:2:", "field 'history'", "[query, answer] pairs"]])),
-    ("history-non-string-members", lambda c: (
-        c.predict("lora", p := c.jsonl("h.jsonl", [{**GOOD, "history": [["q", 1]]}]), "--history_column", "history"),
-        [[f"{p}:1:", "field 'history'", "[query, answer] pairs"]])),
-    ("non-utf8-bytes", lambda c: (
-        c.train("ptuning", p := c.file("latin1.jsonl", json.dumps(GOOD).encode() + b'\n{"content": "caf\xe9", "summary": "s"}\n')),
-        [[f"{p}:2:", "not UTF-8"]])),
-    ("10MB-line-not-json", lambda c: (
-        c.train("lora", p := c.file("huge.jsonl", json.dumps(GOOD) + '\n{"content": "' + "a" * 10_000_000 + "\n")),
-        [[f"{p}:2:", "invalid JSON"]])),
-    ("empty-file", lambda c: (
-        c.train("ptuning", p := c.file("empty.jsonl", "")),
-        [[str(p), "no records"]])),
-    ("whitespace-only-file", lambda c: (
-        c.predict("lora", p := c.file("blank.json", "  \n\t\n   \n")),
-        [[str(p), "no records"]])),
+    (
+        "malformed-json-line",
+        lambda c: (
+            c.train("ptuning", p := c.jsonl("bad.jsonl", [GOOD, '{"content": "x", "summary": }'])),
+            [[f"{p}:2:", "invalid JSON"]],
+        ),
+    ),
+    (
+        "json-array-non-object-element",
+        lambda c: (
+            c.train("lora", p := c.file("array.json", json.dumps([GOOD, ["not", "an", "object"]]))),
+            [[str(p), "element 1", "expected a JSON object, got list"]],
+        ),
+    ),
+    (
+        "missing-prompt-column",
+        lambda c: (
+            c.train("ptuning", p := c.jsonl("cols.jsonl", [GOOD, {"title": "t", "summary": "s"}])),
+            [[f"{p}:2:", "'content'", "--prompt_column", "fields present: summary, title"]],
+        ),
+    ),
+    (
+        "missing-response-column",
+        lambda c: (
+            c.predict("lora", p := c.jsonl("cols.jsonl", [{"content": "c", "answer": "a"}])),
+            [[f"{p}:1:", "'summary'", "--response_column"]],
+        ),
+    ),
+    (
+        "null-prompt-in-every-row",
+        lambda c: (
+            c.train("ptuning", p := c.jsonl("nulls.jsonl", [{"content": None, "summary": "s"}] * 3)),
+            [[str(p), "every row has an empty prompt or response"]],
+        ),
+    ),
+    (
+        "empty-strings-in-every-row",
+        lambda c: (
+            c.train(
+                "lora", p := c.jsonl("empty.jsonl", [{"content": "", "summary": "s"}, {"content": "c", "summary": ""}])
+            ),
+            [[str(p), "every row has an empty prompt or response"]],
+        ),
+    ),
+    (
+        "number-value",
+        lambda c: (
+            c.train("ptuning", p := c.jsonl("num.jsonl", [GOOD, GOOD, {"content": 42, "summary": "s"}])),
+            [[f"{p}:3:", "field 'content' must be a string, got int"]],
+        ),
+    ),
+    (
+        "list-value",
+        lambda c: (
+            c.predict("ptuning", p := c.jsonl("list.jsonl", [{"content": "c", "summary": ["a", "b"]}])),
+            [[f"{p}:1:", "field 'summary' must be a string, got list"]],
+        ),
+    ),
+    (
+        "history-string",
+        lambda c: (
+            c.train("lora", p := c.jsonl("h.jsonl", [{**GOOD, "history": "q1 a1"}]), "--history_column", "history"),
+            [[f"{p}:1:", "field 'history'", "[query, answer] pairs"]],
+        ),
+    ),
+    (
+        "history-3-element-pairs",
+        lambda c: (
+            c.train(
+                "ptuning",
+                p := c.jsonl("h.jsonl", [GOOD, {**GOOD, "history": [["q", "a", "x"]]}]),
+                "--history_column",
+                "history",
+            ),
+            [[f"{p}:2:", "field 'history'", "[query, answer] pairs"]],
+        ),
+    ),
+    (
+        "history-non-string-members",
+        lambda c: (
+            c.predict(
+                "lora", p := c.jsonl("h.jsonl", [{**GOOD, "history": [["q", 1]]}]), "--history_column", "history"
+            ),
+            [[f"{p}:1:", "field 'history'", "[query, answer] pairs"]],
+        ),
+    ),
+    (
+        "non-utf8-bytes",
+        lambda c: (
+            c.train(
+                "ptuning",
+                p := c.file("latin1.jsonl", json.dumps(GOOD).encode() + b'\n{"content": "caf\xe9", "summary": "s"}\n'),
+            ),
+            [[f"{p}:2:", "not UTF-8"]],
+        ),
+    ),
+    (
+        "10MB-line-not-json",
+        lambda c: (
+            c.train("lora", p := c.file("huge.jsonl", json.dumps(GOOD) + '\n{"content": "' + "a" * 10_000_000 + "\n")),
+            [[f"{p}:2:", "invalid JSON"]],
+        ),
+    ),
+    ("empty-file", lambda c: (c.train("ptuning", p := c.file("empty.jsonl", "")), [[str(p), "no records"]])),
+    (
+        "whitespace-only-file",
+        lambda c: (c.predict("lora", p := c.file("blank.json", "  \n\t\n   \n")), [[str(p), "no records"]]),
+    ),
     # ---- data file paths
-    ("missing-file", lambda c: (
-        c.train("ptuning", p := c.tmp / "nope.jsonl"),
-        [["--train_file", str(p), "no such file"]])),
-    ("directory-instead-of-file", lambda c: (
-        c.predict("lora", (p := c.tmp / "folder.json").mkdir() or p),
-        [["--test_file", str(p), "is a folder"]])),
-    ("wrong-extension", lambda c: (
-        c.train("lora", p := c.jsonl("train.txt", [GOOD])),
-        [["--train_file", str(p), "expected a .json or .jsonl file"]])),
+    (
+        "missing-file",
+        lambda c: (c.train("ptuning", p := c.tmp / "nope.jsonl"), [["--train_file", str(p), "no such file"]]),
+    ),
+    (
+        "directory-instead-of-file",
+        lambda c: (
+            c.predict("lora", (p := c.tmp / "folder.json").mkdir() or p),
+            [["--test_file", str(p), "is a folder"]],
+        ),
+    ),
+    (
+        "wrong-extension",
+        lambda c: (
+            c.train("lora", p := c.jsonl("train.txt", [GOOD])),
+            [["--train_file", str(p), "expected a .json or .jsonl file"]],
+        ),
+    ),
     # ---- flag combinations
-    ("test_file-without-do_predict", lambda c: (
-        c.train("lora", TOY_TRAIN, "--test_file", TOY_DEV),
-        [["--test_file", "--do_predict"]])),
-    ("no-task-flag", lambda c: (
-        ("lora", ["--model_name_or_path", str(c.model), "--output_dir", str(c.out), "--train_file", str(TOY_TRAIN)]),
-        [["nothing to do", "--do_train"]])),
-    ("do_train-without-train_file", lambda c: (
-        ("lora", ["--do_train", "--model_name_or_path", str(c.model), "--output_dir", str(c.out)]),
-        [["--do_train needs --train_file"]])),
-    ("pre_seq_len-with-lora", lambda c: (
-        c.train("lora", TOY_TRAIN, "--pre_seq_len", 8),
-        [["--pre_seq_len", "P-Tuning v2"]])),
-    ("lora_rank-with-ptuning", lambda c: (
-        c.train("ptuning", TOY_TRAIN, "--lora_rank", 4),
-        [["--lora_rank", "LoRA"]])),
-    ("ptuning-train-without-pre_seq_len", lambda c: (
-        ("ptuning", c.train("ptuning", TOY_TRAIN)[1][:-2]),  # drop the default --pre_seq_len 4
-        [["--pre_seq_len is required"]])),
-    ("quantization_bit-3", lambda c: (
-        c.train("lora", TOY_TRAIN, "--quantization_bit", 3),
-        [["--quantization_bit must be 4 or 8, got 3"]])),
-    ("quantization_bit-4-without-gpu", lambda c: (
-        c.train("lora", TOY_TRAIN, "--quantization_bit", 4),
-        [["--quantization_bit 4 needs a CUDA GPU"]]),
-        pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
-    ("max_source_length-0", lambda c: (
-        c.train("lora", TOY_TRAIN, "--max_source_length", 0),
-        [["--max_source_length must be a positive integer, got 0"]])),
-    ("max_target_length-minus-1", lambda c: (
-        c.train("ptuning", TOY_TRAIN, "--max_target_length", -1),
-        [["--max_target_length must be a positive integer, got -1"]])),
+    (
+        "test_file-without-do_predict",
+        lambda c: (c.train("lora", TOY_TRAIN, "--test_file", TOY_DEV), [["--test_file", "--do_predict"]]),
+    ),
+    (
+        "no-task-flag",
+        lambda c: (
+            (
+                "lora",
+                ["--model_name_or_path", str(c.model), "--output_dir", str(c.out), "--train_file", str(TOY_TRAIN)],
+            ),
+            [["nothing to do", "--do_train"]],
+        ),
+    ),
+    (
+        "do_train-without-train_file",
+        lambda c: (
+            ("lora", ["--do_train", "--model_name_or_path", str(c.model), "--output_dir", str(c.out)]),
+            [["--do_train needs --train_file"]],
+        ),
+    ),
+    (
+        "pre_seq_len-with-lora",
+        lambda c: (c.train("lora", TOY_TRAIN, "--pre_seq_len", 8), [["--pre_seq_len", "P-Tuning v2"]]),
+    ),
+    ("lora_rank-with-ptuning", lambda c: (c.train("ptuning", TOY_TRAIN, "--lora_rank", 4), [["--lora_rank", "LoRA"]])),
+    (
+        "ptuning-train-without-pre_seq_len",
+        lambda c: (
+            ("ptuning", c.train("ptuning", TOY_TRAIN)[1][:-2]),  # drop the default --pre_seq_len 4
+            [["--pre_seq_len is required"]],
+        ),
+    ),
+    (
+        "quantization_bit-3",
+        lambda c: (c.train("lora", TOY_TRAIN, "--quantization_bit", 3), [["--quantization_bit must be 4 or 8, got 3"]]),
+    ),
+    (
+        "quantization_bit-4-without-gpu",
+        lambda c: (c.train("lora", TOY_TRAIN, "--quantization_bit", 4), [["--quantization_bit 4 needs a CUDA GPU"]]),
+        pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible"),
+    ),
+    (
+        "max_source_length-0",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--max_source_length", 0),
+            [["--max_source_length must be a positive integer, got 0"]],
+        ),
+    ),
+    (
+        "max_target_length-minus-1",
+        lambda c: (
+            c.train("ptuning", TOY_TRAIN, "--max_target_length", -1),
+            [["--max_target_length must be a positive integer, got -1"]],
+        ),
+    ),
     # ---- model folders
-    ("model-path-missing", lambda c: (
-        c.train("lora", TOY_TRAIN, model=(p := c.tmp / "no-model")),
-        [["--model_name_or_path", str(p), "no such folder"]])),
-    ("model-folder-without-config", lambda c: (
-        c.train("lora", TOY_TRAIN, model=(p := _model_dir(c.tmp / "empty-model", None))),
-        [["--model_name_or_path", str(p), "no config.json"]])),
-    ("model-config-not-json", lambda c: (
-        c.train("lora", TOY_TRAIN, model=(p := _model_dir(c.tmp / "bad-model", "{not json"))),
-        [["--model_name_or_path", str(p), "config.json"]])),
-    ("model-config-unknown-type", lambda c: (
-        c.train("ptuning", TOY_TRAIN, model=(p := _model_dir(c.tmp / "odd-model", '{"model_type": "nonexistent"}'))),
-        [["--model_name_or_path", str(p), "nonexistent"]])),
+    (
+        "model-path-missing",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, model=(p := c.tmp / "no-model")),
+            [["--model_name_or_path", str(p), "no such folder"]],
+        ),
+    ),
+    (
+        "model-folder-without-config",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, model=(p := _model_dir(c.tmp / "empty-model", None))),
+            [["--model_name_or_path", str(p), "no config.json"]],
+        ),
+    ),
+    (
+        "model-config-not-json",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, model=(p := _model_dir(c.tmp / "bad-model", "{not json"))),
+            [["--model_name_or_path", str(p), "config.json"]],
+        ),
+    ),
+    (
+        "model-config-unknown-type",
+        lambda c: (
+            c.train(
+                "ptuning", TOY_TRAIN, model=(p := _model_dir(c.tmp / "odd-model", '{"model_type": "nonexistent"}'))
+            ),
+            [["--model_name_or_path", str(p), "nonexistent"]],
+        ),
+    ),
     # ---- checkpoints
-    ("ptuning-checkpoint-from-other-base", lambda c: (
-        c.predict("ptuning", TOY_DEV, model=_three_layer_model(c)),
-        [["--ptuning_checkpoint", "different base model", "num_layers 2 there, 3 here"]])),
-    ("truncated-prefix-weights", lambda c: (
-        c.predict("ptuning", TOY_DEV, checkpoint=(p := _corrupt(c, "ptuning", "prefix_encoder.safetensors"))),
-        [[str(p / "prefix_encoder.safetensors"), "corrupt"]])),
-    ("corrupt-prefix-config", lambda c: (
-        c.predict("ptuning", TOY_DEV, checkpoint=(p := _corrupt(c, "ptuning", "prefix_config.json"))),
-        [["--ptuning_checkpoint", str(p / "prefix_config.json"), "corrupt"]])),
-    ("corrupt-lora-adapter-weights", lambda c: (
-        c.predict("lora", TOY_DEV, checkpoint=(p := _corrupt(c, "lora", "adapter_model.safetensors"))),
-        [["--lora_checkpoint", str(p / "adapter_model.safetensors"), "corrupt"]])),
-    ("ptuning-checkpoint-missing", lambda c: (
-        c.predict("ptuning", TOY_DEV, checkpoint=(p := c.tmp / "no-ckpt")),
-        [["--ptuning_checkpoint", str(p), "no such folder"]])),
+    (
+        "ptuning-checkpoint-from-other-base",
+        lambda c: (
+            c.predict("ptuning", TOY_DEV, model=_three_layer_model(c)),
+            [["--ptuning_checkpoint", "different base model", "num_layers 2 there, 3 here"]],
+        ),
+    ),
+    (
+        "truncated-prefix-weights",
+        lambda c: (
+            c.predict("ptuning", TOY_DEV, checkpoint=(p := _corrupt(c, "ptuning", "prefix_encoder.safetensors"))),
+            [[str(p / "prefix_encoder.safetensors"), "corrupt"]],
+        ),
+    ),
+    (
+        "corrupt-prefix-config",
+        lambda c: (
+            c.predict("ptuning", TOY_DEV, checkpoint=(p := _corrupt(c, "ptuning", "prefix_config.json"))),
+            [["--ptuning_checkpoint", str(p / "prefix_config.json"), "corrupt"]],
+        ),
+    ),
+    (
+        "corrupt-lora-adapter-weights",
+        lambda c: (
+            c.predict("lora", TOY_DEV, checkpoint=(p := _corrupt(c, "lora", "adapter_model.safetensors"))),
+            [["--lora_checkpoint", str(p / "adapter_model.safetensors"), "corrupt"]],
+        ),
+    ),
+    (
+        "ptuning-checkpoint-missing",
+        lambda c: (
+            c.predict("ptuning", TOY_DEV, checkpoint=(p := c.tmp / "no-ckpt")),
+            [["--ptuning_checkpoint", str(p), "no such folder"]],
+        ),
+    ),
     # ---- output and resume folders
-    ("resume-from-missing-folder", lambda c: (
-        c.train("lora", TOY_TRAIN, "--resume_from_checkpoint", p := c.tmp / "no-such-checkpoint"),
-        [["--resume_from_checkpoint", str(p), "no such folder"]])),
-    ("output_dir-under-a-file", lambda c: (
-        _set_out(c, c.file("a-file", "x") / "out") or c.train("lora", TOY_TRAIN),
-        [["--output_dir", str(c.tmp / "a-file" / "out"), "cannot be created", "is not a folder"]])),
+    (
+        "resume-from-missing-folder",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--resume_from_checkpoint", p := c.tmp / "no-such-checkpoint"),
+            [["--resume_from_checkpoint", str(p), "no such folder"]],
+        ),
+    ),
+    (
+        "output_dir-under-a-file",
+        lambda c: (
+            _set_out(c, c.file("a-file", "x") / "out") or c.train("lora", TOY_TRAIN),
+            [["--output_dir", str(c.tmp / "a-file" / "out"), "cannot be created", "is not a folder"]],
+        ),
+    ),
 ]
 
 
@@ -252,8 +412,19 @@ def test_output_dir_with_checkpoints_of_another_run_is_left_alone(tmp_path, tiny
     (out / "checkpoint-5" / "trainer_state.json").write_text("{}")
     before = _files(tmp_path)
     with pytest.raises(SystemExit) as info:
-        main("lora", ["--do_train", "--train_file", str(TOY_TRAIN), "--model_name_or_path", str(tiny_model_dir),
-                      "--output_dir", str(out), *SMALL])
+        main(
+            "lora",
+            [
+                "--do_train",
+                "--train_file",
+                str(TOY_TRAIN),
+                "--model_name_or_path",
+                str(tiny_model_dir),
+                "--output_dir",
+                str(out),
+                *SMALL,
+            ],
+        )
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err, err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -276,7 +447,20 @@ def test_tokenizer_without_pad_token_falls_back_to_eos(tmp_path, tiny_model_dir,
     assert AutoTokenizer.from_pretrained(model).pad_token is None  # the setup really removed it
     out = tmp_path / "out"
     caplog.set_level(logging.INFO, logger="glmtune.model")
-    main("lora", ["--do_predict", "--test_file", str(TOY_DEV), "--model_name_or_path", str(model),
-                  "--output_dir", str(out), "--max_predict_samples", "2", *SMALL])
+    main(
+        "lora",
+        [
+            "--do_predict",
+            "--test_file",
+            str(TOY_DEV),
+            "--model_name_or_path",
+            str(model),
+            "--output_dir",
+            str(out),
+            "--max_predict_samples",
+            "2",
+            *SMALL,
+        ],
+    )
     assert "padding with the eos token" in caplog.text
     assert (out / "generated_predictions.txt").read_text(encoding="utf-8").count("\n") == 2

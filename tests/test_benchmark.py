@@ -14,16 +14,39 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_tiny_benchmark_measures_both_sides_of_each_row(tmp_path):
     rows = "lora-bf16-recipe,generate,pt-bf16-recipe"
-    command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--tiny", "--model", str(tmp_path / "model"),
-               "--scratch", str(tmp_path / "scratch"), "--rows", rows, "--warmup", "1", "--steps", "2",
-               "--prompts", "6", "--eval_batch", "4", "--single_prompts", "2", "--json", str(tmp_path / "rows.json")]
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "benchmark.py"),
+        "--tiny",
+        "--model",
+        str(tmp_path / "model"),
+        "--scratch",
+        str(tmp_path / "scratch"),
+        "--rows",
+        rows,
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--prompts",
+        "6",
+        "--eval_batch",
+        "4",
+        "--single_prompts",
+        "2",
+        "--json",
+        str(tmp_path / "rows.json"),
+    ]
     out = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     results = [json.loads(line) for line in (tmp_path / "rows.json").read_text().splitlines()]
     assert [(r["row"], r["impl"]) for r in results] == [
-        ("lora-bf16-recipe", "glmtune"), ("lora-bf16-recipe", "naive"),
-        ("generate", "glmtune batched"), ("generate", "one at a time"),
-        ("pt-bf16-recipe", "glmtune"), ("pt-bf16-recipe", "naive"),
+        ("lora-bf16-recipe", "glmtune"),
+        ("lora-bf16-recipe", "naive"),
+        ("generate", "glmtune batched"),
+        ("generate", "one at a time"),
+        ("pt-bf16-recipe", "glmtune"),
+        ("pt-bf16-recipe", "naive"),
     ]
     for r in results:
         assert r["tokens_per_s"] > 0 and r["samples_per_s"] > 0
@@ -40,8 +63,15 @@ def test_tiny_benchmark_measures_both_sides_of_each_row(tmp_path):
 
 
 def test_unknown_rows_are_refused(tmp_path):
-    command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--tiny", "--model", str(tmp_path / "model"),
-               "--rows", "pt-bf16-recipe,pt-fp8-recipe"]
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "benchmark.py"),
+        "--tiny",
+        "--model",
+        str(tmp_path / "model"),
+        "--rows",
+        "pt-bf16-recipe,pt-fp8-recipe",
+    ]
     out = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "unknown rows pt-fp8-recipe" in out.stderr
     assert not (tmp_path / "model").exists()  # refused before building anything

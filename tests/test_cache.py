@@ -20,8 +20,11 @@ def private_datasets_cache(tmp_path, monkeypatch):
 
 
 def tokenized(path, tokenizer, template="chatglm2", **lengths):
-    args = DataArguments(prompt_column="content", response_column="summary",
-                         **{"max_source_length": 64, "max_target_length": 16, **lengths})
+    args = DataArguments(
+        prompt_column="content",
+        response_column="summary",
+        **{"max_source_length": 64, "max_target_length": 16, **lengths},
+    )
     args.val_max_target_length = args.max_target_length
     dataset = tokenize(load_split(str(path), args), tokenizer, PromptFormat(template, tokenizer), args, "train")
     return dataset.cache_files[0]["filename"], dataset["input_ids"]

@@ -14,6 +14,7 @@ from conftest import GOLDEN, chatglm_folder
 
 pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason="needs ../shared/golden (the ChatGLM parity material)")
 
+
 def ancestors_checkpoint(version: str, projection: str, out) -> str:
     """What ChatGLM's ptuning trainer wrote: pytorch_model.bin with only the trainable prefix tensors."""
     out.mkdir()
@@ -28,8 +29,11 @@ def ancestors_checkpoint(version: str, projection: str, out) -> str:
 def test_ancestors_checkpoint_gives_the_original_logits(version, projection, tmp_path):
     from glmtune.inference import load_tuned
 
-    tuned = load_tuned(chatglm_folder(version, tmp_path / "model"), ancestors_checkpoint(version, projection, tmp_path / "ckpt"),
-                       torch_dtype="float32")
+    tuned = load_tuned(
+        chatglm_folder(version, tmp_path / "model"),
+        ancestors_checkpoint(version, projection, tmp_path / "ckpt"),
+        torch_dtype="float32",
+    )
     assert tuned.method == "ptuning"
     config = tuned.model.prefix_encoder.glmtune_config
     assert config["pre_seq_len"] == 4 and config["prefix_projection"] == (projection == "true")
@@ -50,7 +54,9 @@ def test_glmtune_checkpoint_of_a_chatglm_base_carries_the_ancestors_file(tmp_pat
     from glmtune.arguments import ModelArguments, PtuningArguments
     from glmtune.model import load_base_model
 
-    model = load_base_model(ModelArguments(model_name_or_path=chatglm_folder("v2", tmp_path / "model"), torch_dtype="float32"))
+    model = load_base_model(
+        ModelArguments(model_name_or_path=chatglm_folder("v2", tmp_path / "model"), torch_dtype="float32")
+    )
     model = add_prefix_encoder(model, PtuningArguments(pre_seq_len=4, prefix_projection=True))
     save_prefix_checkpoint(model, str(tmp_path / "ckpt"))
     saved = torch.load(tmp_path / "ckpt" / "pytorch_model.bin", weights_only=True)

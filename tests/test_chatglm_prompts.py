@@ -54,7 +54,10 @@ def test_auto_prompt_is_what_the_original_chat_fed_to_generate(version, case):
 def test_auto_picks_each_versions_own_format(version):
     from glmtune.prompt import PromptFormat
 
-    assert PromptFormat("auto", tokenizer_for(version)).template == {"v1": "chatglm", "v2": "chatglm2", "v3": "chatglm3"}[version]
+    assert (
+        PromptFormat("auto", tokenizer_for(version)).template
+        == {"v1": "chatglm", "v2": "chatglm2", "v3": "chatglm3"}[version]
+    )
 
 
 def test_chatglm3_format_needs_the_role_tokens():
@@ -77,14 +80,14 @@ def test_training_layout_matches_the_golden_forward_train(version_):
     for row, (input_ids, labels) in enumerate(zip(encoded["input_ids"], encoded["labels"])):
         real = golden["input_ids"][row][: len(input_ids)]
         assert input_ids == real.tolist()
-        assert (golden["input_ids"][row][len(input_ids):] == pad).all()  # the rest is padding
+        assert (golden["input_ids"][row][len(input_ids) :] == pad).all()  # the rest is padding
         expected = golden["labels"][row][: len(labels)].clone()
         if version_ == "v1":
             # ChatGLM-6B's ptuning also made <sop> (always after [gMASK]) a target; glmtune never trains a
             # token that the prompt fixes, so it is -100 here. Everything else is identical.
             expected[expected == encoder.tokenizer.convert_tokens_to_ids("<sop>")] = -100
         assert labels == expected.tolist()
-        assert (golden["labels"][row][len(labels):] == -100).all()
+        assert (golden["labels"][row][len(labels) :] == -100).all()
 
 
 def test_truncation_keeps_chatglm6b_trailing_special_tokens():
@@ -127,13 +130,17 @@ def test_real_adgen_dev_encodes_within_limits_and_answers_decode_back(version_):
     rows = [json.loads(line) for line in open(SHARED / "data" / "AdvertiseGen" / "dev.json", encoding="utf-8")]
     encoder = encoder_for(version_, train=True)
     encoder.max_source_length = encoder.max_target_length = 64
-    batch = {"prompt": [r["content"] for r in rows], "response": [r["summary"] for r in rows], "history": [[]] * len(rows)}
+    batch = {
+        "prompt": [r["content"] for r in rows],
+        "response": [r["summary"] for r in rows],
+        "history": [[]] * len(rows),
+    }
     encoded = encoder(batch)
     tokenizer = encoder.tokenizer
     for row, input_ids, labels, cut in zip(rows, encoded["input_ids"], encoded["labels"], encoded["target_truncated"]):
         assert len(input_ids) == len(labels) <= 64 + 64 + 1
         answer = [token for token in labels if token != -100]
-        assert input_ids[len(input_ids) - len(answer):] == answer and answer[-1] == tokenizer.eos_token_id
+        assert input_ids[len(input_ids) - len(answer) :] == answer and answer[-1] == tokenizer.eos_token_id
         if not cut and version_ != "v1":
             assert tokenizer.decode(answer, skip_special_tokens=True).strip() == row["summary"]
     assert 0 < sum(encoded["target_truncated"]) < len(rows)  # both kinds occur: the decode check above ran

@@ -48,14 +48,31 @@ def test_original_folder_trains_evaluates_and_reloads(version, method, tmp_path)
     model = chatglm_folder(version, tmp_path / "model")
     test_file = head(TOY_DEV, TEST_ROWS, tmp_path / "test.json")
     common = dict(MODEL=model, MAX_SOURCE_LENGTH="32", MAX_TARGET_LENGTH="8", PRE_SEQ_LEN="4")
-    bash(f"{method}/train.sh", **common, TRAIN_FILE=head(TOY_TRAIN, TRAIN_ROWS, tmp_path / "train.json"),
-         DEV_FILE=test_file, BATCH_SIZE="4", MAX_STEPS="3", SAVE_STEPS="3", OUTPUT_DIR=str(tmp_path / "train"))
-    bash(f"{method}/evaluate.sh", **common, TEST_FILE=test_file, CHECKPOINT=str(tmp_path / "train"),
-         OUTPUT_DIR=str(tmp_path / "eval"))
+    bash(
+        f"{method}/train.sh",
+        **common,
+        TRAIN_FILE=head(TOY_TRAIN, TRAIN_ROWS, tmp_path / "train.json"),
+        DEV_FILE=test_file,
+        BATCH_SIZE="4",
+        MAX_STEPS="3",
+        SAVE_STEPS="3",
+        OUTPUT_DIR=str(tmp_path / "train"),
+    )
+    bash(
+        f"{method}/evaluate.sh",
+        **common,
+        TEST_FILE=test_file,
+        CHECKPOINT=str(tmp_path / "train"),
+        OUTPUT_DIR=str(tmp_path / "eval"),
+    )
     evaluated = predictions(tmp_path / "eval")
     assert len(evaluated) == TEST_ROWS
     assert set(json.loads((tmp_path / "eval" / "predict_results.json").read_text())) >= {
-        "predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l"}
+        "predict_bleu-4",
+        "predict_rouge-1",
+        "predict_rouge-2",
+        "predict_rouge-l",
+    }
 
     queries = [json.loads(line)["content"] for line in open(test_file, encoding="utf-8")]
     tuned = load_tuned(model, str(tmp_path / "train"), torch_dtype="float32", max_source_length=32)

@@ -14,8 +14,15 @@ import shutil
 import pytest
 
 from conftest import GOLDEN, SHARED
-from glmtune.chatglm.tokenization import (VERSION_KEY, ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLMTokenizer,
-                                          detect_version, is_chatglm_tokenizer_folder, load_chatglm_tokenizer)
+from glmtune.chatglm.tokenization import (
+    VERSION_KEY,
+    ChatGLM2Tokenizer,
+    ChatGLM3Tokenizer,
+    ChatGLMTokenizer,
+    detect_version,
+    is_chatglm_tokenizer_folder,
+    load_chatglm_tokenizer,
+)
 from glmtune.errors import GlmtuneError
 
 TOKENIZERS, GOLDEN_TOKENIZERS = SHARED / "tokenizers", GOLDEN / "tokenizers"
@@ -26,9 +33,13 @@ CASES = {
     "chatglm3-6b": ("chatglm3-6b", {}),
     "chatglm3-6b_variant_2024copy": ("chatglm3-6b", {"v3_variant": "2024-06"}),
 }
-AVAILABLE = all((GOLDEN_TOKENIZERS / f"{name}.json").is_file() and (TOKENIZERS / folder).is_dir()
-                for name, (folder, _) in CASES.items())
-pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"tokenizer goldens/files not found in {SHARED} (shared test material)")
+AVAILABLE = all(
+    (GOLDEN_TOKENIZERS / f"{name}.json").is_file() and (TOKENIZERS / folder).is_dir()
+    for name, (folder, _) in CASES.items()
+)
+pytestmark = pytest.mark.skipif(
+    not AVAILABLE, reason=f"tokenizer goldens/files not found in {SHARED} (shared test material)"
+)
 V3_CASES = ["chatglm3-6b", "chatglm3-6b_variant_2024copy"]
 
 
@@ -53,8 +64,11 @@ def plain(value):
 def string_cases():
     if not AVAILABLE:
         return []
-    return [pytest.param(name, i, id=f"{name}-{i:02d}-{ascii(entry['text'])[1:21]}")
-            for name in CASES for i, entry in enumerate(golden(name)["strings"])]
+    return [
+        pytest.param(name, i, id=f"{name}-{i:02d}-{ascii(entry['text'])[1:21]}")
+        for name in CASES
+        for i, entry in enumerate(golden(name)["strings"])
+    ]
 
 
 @pytest.mark.parametrize("name, index", string_cases())
@@ -77,7 +91,8 @@ def test_string_matches_original(name, index):
     }
     if "v3_encode_special_tokens_true_ids_no_special" in want:
         got["v3_encode_special_tokens_true_ids_no_special"] = tokenizer(name, encode_special_tokens=True).encode(
-            text, add_special_tokens=False)
+            text, add_special_tokens=False
+        )
     assert got == {key: value for key, value in want.items() if key != "text"}
 
 
@@ -86,7 +101,11 @@ def test_sizes_and_model_file(name):
     want, tok = golden(name), tokenizer(name)
     folder = TOKENIZERS / CASES[name][0]
     assert (len(tok), tok.vocab_size, tok.sp.vocab_size(), tok.padding_side) == (
-        want["len(tokenizer)"], want["tokenizer.vocab_size"], want["sentencepiece_vocab_size"], want["padding_side"])
+        want["len(tokenizer)"],
+        want["tokenizer.vocab_size"],
+        want["sentencepiece_vocab_size"],
+        want["padding_side"],
+    )
     assert hashlib.sha256((folder / want["tokenizer_file"]).read_bytes()).hexdigest() == want["tokenizer_file_sha256"]
 
 
@@ -153,7 +172,9 @@ def test_v2_build_prompt():
         prompt = tok.build_prompt(chat["query"], history)
         assert prompt == want["prompt_string_(tokenizer.build_prompt)"]
         out = tok([prompt], return_tensors="pt")
-        assert {key: out[key].tolist() for key in out} == {k: want[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        assert {key: out[key].tolist() for key in out} == {
+            k: want[k] for k in ("input_ids", "attention_mask", "position_ids")
+        }
         assert tok.decode(out["input_ids"][0]) == want["decoded_input"]
 
 
@@ -161,16 +182,23 @@ def test_v2_build_prompt():
 def test_v3_build_chat_input(name):
     chat, tok = golden(name)["chat"], tokenizer(name)
     rounds = chat["history_1_round"]["history_arg"]
-    cases = {"no_history": (chat["query"], None, "user"), "history_1_round": (chat["query"], rounds, "user"),
-             "system_plus_history_1_round": (chat["query"], chat["system_plus_history_1_round"]["history_arg"], "user"),
-             "observation_role": ('{"result": 42}', rounds, "observation")}
+    cases = {
+        "no_history": (chat["query"], None, "user"),
+        "history_1_round": (chat["query"], rounds, "user"),
+        "system_plus_history_1_round": (chat["query"], chat["system_plus_history_1_round"]["history_arg"], "user"),
+        "observation_role": ('{"result": 42}', rounds, "observation"),
+    }
     for case, (query, history, role) in cases.items():
         want = chat[case]
         out = tok.build_chat_input(query, history, role)
-        assert {key: out[key].tolist() for key in out} == {k: want[k] for k in ("input_ids", "attention_mask", "position_ids")}, case
+        assert {key: out[key].tolist() for key in out} == {
+            k: want[k] for k in ("input_ids", "attention_mask", "position_ids")
+        }, case
         assert want.get("build_chat_input_ids", want["input_ids"]) == want["input_ids"]
         assert tok.decode(out["input_ids"][0]) == want["decoded_input"], case
-        assert [tok.eos_token_id, tok.get_command("<|user|>"), tok.get_command("<|observation|>")] == want["gen_kwarg_eos_token_id"]
+        assert [tok.eos_token_id, tok.get_command("<|user|>"), tok.get_command("<|observation|>")] == want[
+            "gen_kwarg_eos_token_id"
+        ]
 
 
 @pytest.mark.parametrize("name", V3_CASES)
@@ -188,8 +216,13 @@ def test_v3_system_tools_are_indented_json():
     tools = [{"name": "get_weather", "parameters": {"city": "string"}}]
     out = tok.build_chat_input("hi", [{"role": "system", "content": "Answer.", "tools": tools}])
     content = "Answer.\n" + json.dumps(tools, indent=4, ensure_ascii=False)
-    assert out["input_ids"][0].tolist() == [64790, 64792, *tok.build_single_message("system", "", content),
-                                            *tok.build_single_message("user", "", "hi"), 64796]
+    assert out["input_ids"][0].tolist() == [
+        64790,
+        64792,
+        *tok.build_single_message("system", "", content),
+        *tok.build_single_message("user", "", "hi"),
+        64796,
+    ]
 
 
 def test_special_tokens_added_and_their_mask():
@@ -207,7 +240,8 @@ def test_v1_protected_special_tokens_eat_surrounding_spaces():
     """Transformers 4.33 never split v1's named special tokens in text and stripped the whitespace around them."""
     tok = tokenizer("chatglm-6b")
     assert tok.encode("你好 \n<eop>  再见", add_special_tokens=False) == (
-        tok.encode("你好", add_special_tokens=False) + [130005] + tok.encode("再见", add_special_tokens=False))
+        tok.encode("你好", add_special_tokens=False) + [130005] + tok.encode("再见", add_special_tokens=False)
+    )
     assert tok.tokenize("<sop>x", split_special_tokens=True)[:3] == ["▁<", "s", "op"]
 
 
@@ -241,18 +275,26 @@ def test_v1_image_token_offset():
     """The original code shifts text ids by num_image_tokens (0 in the final release's tokenizer_config.json)."""
     tok = ChatGLMTokenizer(str(TOKENIZERS / "chatglm-6b" / "ice_text.model"), num_image_tokens=20000)
     assert tok.encode("你好", add_special_tokens=False) == [20005, 94874] and tok.vocab_size == 150344
-    assert (tok.convert_ids_to_tokens(5), tok.convert_tokens_to_ids("<image_7>"), tok.gmask_token_id) == ("<image_5>", 7, 150001)
+    assert (tok.convert_ids_to_tokens(5), tok.convert_tokens_to_ids("<image_7>"), tok.gmask_token_id) == (
+        "<image_5>",
+        7,
+        150001,
+    )
 
 
-@pytest.mark.parametrize("name, cls", [("chatglm-6b", ChatGLMTokenizer), ("chatglm2-6b", ChatGLM2Tokenizer),
-                                       ("chatglm3-6b", ChatGLM3Tokenizer)])
+@pytest.mark.parametrize(
+    "name, cls",
+    [("chatglm-6b", ChatGLMTokenizer), ("chatglm2-6b", ChatGLM2Tokenizer), ("chatglm3-6b", ChatGLM3Tokenizer)],
+)
 def test_save_and_reload(tmp_path, name, cls):
     extra = {"encode_special_tokens": True, "v3_variant": "2024-06"} if cls is ChatGLM3Tokenizer else {}
     original = load_chatglm_tokenizer(TOKENIZERS / CASES[name][0], **extra)
     original.add_tokens(["<extra>"])
     saved = tmp_path / "saved"
     files = original.save_pretrained(saved)
-    assert sorted(p.name for p in saved.iterdir()) == sorted(["tokenizer_config.json", cls.vocab_files_names["vocab_file"]])
+    assert sorted(p.name for p in saved.iterdir()) == sorted(
+        ["tokenizer_config.json", cls.vocab_files_names["vocab_file"]]
+    )
     assert sorted(map(str, files)) == sorted(str(p) for p in saved.iterdir())
     config = json.loads((saved / "tokenizer_config.json").read_text())
     assert (config["tokenizer_class"], config[VERSION_KEY]) == (cls.__name__, cls.version)
@@ -282,9 +324,14 @@ def real_config(folder: str) -> dict:
     return json.loads((TOKENIZERS / folder / "tokenizer_config.json").read_text())
 
 
-@pytest.mark.parametrize("folder, version, cls", [("chatglm-6b", "v1", ChatGLMTokenizer),
-                                                  ("chatglm2-6b", "v2", ChatGLM2Tokenizer),
-                                                  ("chatglm3-6b", "v3", ChatGLM3Tokenizer)])
+@pytest.mark.parametrize(
+    "folder, version, cls",
+    [
+        ("chatglm-6b", "v1", ChatGLMTokenizer),
+        ("chatglm2-6b", "v2", ChatGLM2Tokenizer),
+        ("chatglm3-6b", "v3", ChatGLM3Tokenizer),
+    ],
+)
 def test_detects_the_real_folders(tmp_path, folder, version, cls):
     model_file = "ice_text.model" if version == "v1" else "tokenizer.model"
     path = make_folder(tmp_path, model_file, real_config(folder))
@@ -311,8 +358,10 @@ def test_v2_or_v3_from_remote_code_then_names(tmp_path):
 
 
 def test_v3_2024_code_selects_the_2024_variant(tmp_path):
-    code = ('special_tokens = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"] + role_special_tokens  # <|user|>\n'
-            'self.role_special_token_expression = "|".join([re.escape(token) for token in special_tokens])\n')
+    code = (
+        'special_tokens = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"] + role_special_tokens  # <|user|>\n'
+        'self.role_special_token_expression = "|".join([re.escape(token) for token in special_tokens])\n'
+    )
     path = make_folder(tmp_path, "tokenizer.model", real_config("chatglm3-6b"), {"tokenization_chatglm.py": code})
     tok = load_chatglm_tokenizer(path, encode_special_tokens=True)
     assert tok.v3_variant == "2024-06" and tok.unk_token_id == 0

@@ -14,14 +14,21 @@ from safetensors.torch import load_file
 
 from conftest import GOLDEN
 from golden import golden_prefix_encoder, parity_errors
-from glmtune.chatglm.modeling_v1 import (ChatGLMConfig, ChatGLMForCausalLM, glm_attention_mask, glm_position_ids,
-                                          rotary_frequencies)
+from glmtune.chatglm.modeling_v1 import (
+    ChatGLMConfig,
+    ChatGLMForCausalLM,
+    glm_attention_mask,
+    glm_position_ids,
+    rotary_frequencies,
+)
 from glmtune.errors import GlmtuneError
 from glmtune.prefix import attach_prefix
 
 V1 = GOLDEN / "chatglm-v1"
-pytestmark = pytest.mark.skipif(not (V1 / "model.safetensors").is_file(),
-                                reason=f"ChatGLM-6B golden fixtures not found in {V1} (shared test material)")
+pytestmark = pytest.mark.skipif(
+    not (V1 / "model.safetensors").is_file(),
+    reason=f"ChatGLM-6B golden fixtures not found in {V1} (shared test material)",
+)
 VARIANTS = ["base", "ptuning_proj_false", "ptuning_proj_true"]
 PAD = 3
 
@@ -42,8 +49,9 @@ def train_file(variant):
 def test_forward_infer_left_padded(attn):
     golden = load_file(V1 / "forward_infer.safetensors")
     with torch.no_grad():
-        logits = load_model(attn=attn)(input_ids=golden["input_ids"], attention_mask=golden["attention_mask"],
-                                       position_ids=golden["position_ids"]).logits
+        logits = load_model(attn=attn)(
+            input_ids=golden["input_ids"], attention_mask=golden["attention_mask"], position_ids=golden["position_ids"]
+        ).logits
     parity_errors(logits, golden)  # padding rows too: fully masked, they attend uniformly as in the original
 
 
@@ -51,8 +59,9 @@ def test_forward_infer_left_padded(attn):
 def test_forward_infer_with_prefix(variant):
     golden = load_file(V1 / f"forward_infer_{variant}_lastpos.safetensors")
     with torch.no_grad():
-        logits = load_model(variant)(input_ids=golden["input_ids"], attention_mask=golden["attention_mask"],
-                                     position_ids=golden["position_ids"]).logits
+        logits = load_model(variant)(
+            input_ids=golden["input_ids"], attention_mask=golden["attention_mask"], position_ids=golden["position_ids"]
+        ).logits
     parity_errors(logits[:, -1], golden, name="logits_last")
 
 
@@ -77,8 +86,12 @@ def test_glmtune_collator_inputs_give_the_golden_loss(variant):
     golden = load_file(train_file(variant))
     padding = (golden["input_ids"] != PAD).long()
     with torch.no_grad():
-        output = load_model(variant)(input_ids=golden["input_ids"], attention_mask=padding,
-                                     position_ids=(padding.cumsum(-1) - 1).clamp(min=0), labels=golden["labels"])
+        output = load_model(variant)(
+            input_ids=golden["input_ids"],
+            attention_mask=padding,
+            position_ids=(padding.cumsum(-1) - 1).clamp(min=0),
+            labels=golden["labels"],
+        )
     parity_errors(output.logits, golden, real=padding.bool())
     torch.testing.assert_close(output.loss, golden["loss"][0], atol=1e-5, rtol=0)
 
@@ -166,8 +179,11 @@ def test_original_bin_shards_with_lm_head_and_inv_freq(tmp_path):
     state["lm_head.weight"] = state["transformer.word_embeddings.weight"].clone()
     for key in [k for k in state if k.endswith("rotary_emb.inv_freq")]:
         state[key] = torch.full_like(state[key], 0.5)  # nonsense: the original recomputes them, and so do we
-    shards = [["transformer.word_embeddings.weight", "lm_head.weight"], [k for k in state if ".layers." in k],
-              ["transformer.final_layernorm.weight", "transformer.final_layernorm.bias"]]
+    shards = [
+        ["transformer.word_embeddings.weight", "lm_head.weight"],
+        [k for k in state if ".layers." in k],
+        ["transformer.final_layernorm.weight", "transformer.final_layernorm.bias"],
+    ]
     assert sum(map(len, shards)) == len(state)
     weight_map = {}
     for number, keys in enumerate(shards, 1):
@@ -207,8 +223,11 @@ def test_rotary_frequencies_are_the_originals_fp16_rounded_ones():
 
 def test_unsupported_configs_and_inputs_are_refused():
     with pytest.raises(GlmtuneError, match="position_encoding_2d"):
-        ChatGLMForCausalLM(ChatGLMConfig(hidden_size=32, num_attention_heads=4, num_layers=1, vocab_size=64,
-                                         position_encoding_2d=False))
+        ChatGLMForCausalLM(
+            ChatGLMConfig(
+                hidden_size=32, num_attention_heads=4, num_layers=1, vocab_size=64, position_encoding_2d=False
+            )
+        )
     config = ChatGLMConfig()
     with pytest.raises(ValueError, match=r"no \[gMASK\] or \[MASK\]"):
         glm_position_ids(torch.tensor([[5, 6, config.bos_token_id, 7]]), None, config)

@@ -19,8 +19,10 @@ from glmtune.errors import GlmtuneError
 from glmtune.prefix import attach_prefix
 
 V2, V3 = GOLDEN / "chatglm-v2", GOLDEN / "chatglm-v3"
-pytestmark = pytest.mark.skipif(not (V2 / "model.safetensors").is_file() or not V3.is_dir(),
-                                reason=f"ChatGLM2/3 golden fixtures not found in {GOLDEN} (shared test material)")
+pytestmark = pytest.mark.skipif(
+    not (V2 / "model.safetensors").is_file() or not V3.is_dir(),
+    reason=f"ChatGLM2/3 golden fixtures not found in {GOLDEN} (shared test material)",
+)
 VARIANTS = ["base", "ptuning_proj_false", "ptuning_proj_true"]
 
 
@@ -37,8 +39,9 @@ def load_model(config_path=V2 / "config.json", variant="base", attn="sdpa", weig
 def test_forward_infer_left_padded(config_path):
     golden = load_file(V2 / "forward_infer.safetensors")
     with torch.no_grad():
-        logits = load_model(config_path)(input_ids=golden["input_ids"], attention_mask=golden["attention_mask"],
-                                         position_ids=golden["position_ids"]).logits
+        logits = load_model(config_path)(
+            input_ids=golden["input_ids"], attention_mask=golden["attention_mask"], position_ids=golden["position_ids"]
+        ).logits
     pads = golden["attention_mask"] == 0
     parity_errors(logits, golden, real=~pads)
     parity_errors(logits, golden, real=pads)  # the original un-masks padding query rows; so do we
@@ -49,8 +52,9 @@ def test_rope_ratio_50():
     model = load_model(V3 / "extra_config_rope_ratio50.json")
     assert model.config.rope_ratio == 50
     with torch.no_grad():
-        logits = model(input_ids=golden["input_ids"], attention_mask=golden["attention_mask"],
-                       position_ids=golden["position_ids"]).logits
+        logits = model(
+            input_ids=golden["input_ids"], attention_mask=golden["attention_mask"], position_ids=golden["position_ids"]
+        ).logits
     parity_errors(logits, golden, real=golden["attention_mask"] == 1)
 
 
@@ -70,8 +74,12 @@ def test_forward_train_loss_and_logits(version, variant):
 def test_forward_infer_with_prefix_last_position(variant):
     golden = load_file(V2 / f"forward_infer_{variant}_lastpos.safetensors")
     with torch.no_grad():
-        logits = load_model(variant=variant)(input_ids=golden["input_ids"], attention_mask=golden["attention_mask"],
-                                             position_ids=golden["position_ids"], logits_to_keep=1).logits
+        logits = load_model(variant=variant)(
+            input_ids=golden["input_ids"],
+            attention_mask=golden["attention_mask"],
+            position_ids=golden["position_ids"],
+            logits_to_keep=1,
+        ).logits
     parity_errors(logits[:, -1], golden, name="logits_last")
 
 
@@ -98,20 +106,33 @@ def test_prefill_in_chunks_through_the_cache_equals_one_forward(variant):
         ids, positions = golden["input_ids"][rows], golden["position_ids"][rows]
         with torch.no_grad():
             whole = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-            first = model(input_ids=ids[:, :7], attention_mask=None if mask is None else mask[:, :7],
-                          position_ids=positions[:, :7], use_cache=True)
-            rest = model(input_ids=ids[:, 7:], attention_mask=mask, position_ids=positions[:, 7:],
-                         past_key_values=first.past_key_values, use_cache=True).logits
+            first = model(
+                input_ids=ids[:, :7],
+                attention_mask=None if mask is None else mask[:, :7],
+                position_ids=positions[:, :7],
+                use_cache=True,
+            )
+            rest = model(
+                input_ids=ids[:, 7:],
+                attention_mask=mask,
+                position_ids=positions[:, 7:],
+                past_key_values=first.past_key_values,
+                use_cache=True,
+            ).logits
         torch.testing.assert_close(torch.cat([first.logits, rest], dim=1)[:, 6:], whole[:, 6:], atol=1e-5, rtol=1e-5)
         if variant == "base":
-            parity_errors(whole, {k: v if k == "logits_vocab_cols" else v[rows] for k, v in golden.items()},
-                          real=golden["attention_mask"][rows] == 1)
+            parity_errors(
+                whole,
+                {k: v if k == "logits_vocab_cols" else v[rows] for k, v in golden.items()},
+                real=golden["attention_mask"][rows] == 1,
+            )
 
 
 def generate(model, inputs: dict, **kwargs) -> list:
     with torch.no_grad():
-        return model.generate(**{k: torch.tensor(v) for k, v in inputs.items()}, max_new_tokens=8, do_sample=False,
-                              num_beams=1, **kwargs).tolist()
+        return model.generate(
+            **{k: torch.tensor(v) for k, v in inputs.items()}, max_new_tokens=8, do_sample=False, num_beams=1, **kwargs
+        ).tolist()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -159,7 +180,9 @@ def test_gradient_checkpointing_same_loss_and_grads(variant):
     (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
     torch.testing.assert_close(loss_ckpt, loss_plain, atol=0, rtol=0)
     assert grads_plain.keys() == grads_ckpt.keys()
-    assert variant == "base" or {"prefix_encoder.embedding.weight", "prefix_encoder.trans.0.weight"} <= grads_plain.keys()
+    assert (
+        variant == "base" or {"prefix_encoder.embedding.weight", "prefix_encoder.trans.0.weight"} <= grads_plain.keys()
+    )
     for name in grads_plain:
         torch.testing.assert_close(grads_ckpt[name], grads_plain[name], atol=1e-6, rtol=1e-5, msg=name)
 
@@ -195,8 +218,10 @@ def test_loads_sharded_pytorch_bin_with_index(tmp_path):
     """Real ChatGLM2/3-6B folders ship pytorch_model-0000N-of-00007.bin shards and an index."""
     state = load_file(V2 / "model.safetensors")
     names = sorted(state)
-    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
-              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    shards = {
+        "pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+        "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :],
+    }
     for file, keys in shards.items():
         torch.save({k: state[k].half() for k in keys}, tmp_path / file)  # the real shards are float16
     weight_map = {k: file for file, keys in shards.items() for k in keys}
@@ -209,8 +234,14 @@ def test_loads_sharded_pytorch_bin_with_index(tmp_path):
 
 def test_config_answers_standard_names_and_refuses_unsupported_layout():
     config = ChatGLM2Config.from_json_file(str(V2 / "config.json"))
-    standard = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim, config.vocab_size,
-                config.hidden_size, config.num_attention_heads)
+    standard = (
+        config.num_hidden_layers,
+        config.num_key_value_heads,
+        config.head_dim,
+        config.vocab_size,
+        config.hidden_size,
+        config.num_attention_heads,
+    )
     assert standard == (2, 2, 8, 65024, 32, 4)
     config.multi_query_attention = False
     with pytest.raises(GlmtuneError, match="multi_query_attention"):

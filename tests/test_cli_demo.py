@@ -20,9 +20,16 @@ MAX_NEW_TOKENS = 8
 
 def start(*flags) -> subprocess.Popen:
     """The demo as a user runs it (no install), its stdin piped."""
-    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, flags)], cwd=REPO, text=True, encoding="utf-8",
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [sys.executable, str(SCRIPT), *map(str, flags)],
+        cwd=REPO,
+        text=True,
+        encoding="utf-8",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"},
+    )
 
 
 def answers(stdout: str) -> list:
@@ -32,17 +39,23 @@ def answers(stdout: str) -> list:
 def test_chat_answers_match_the_tuned_model_with_history_and_clear(tiny_model_dir, ptuning_checkpoint, lora_checkpoint):
     checkpoints = {"ptuning": ptuning_checkpoint, "lora": lora_checkpoint}
     # Both demos run at once (most of their time is importing torch and transformers).
-    processes = {method: start("--model_name_or_path", tiny_model_dir, "--checkpoint", checkpoint,
-                               "--max_new_tokens", MAX_NEW_TOKENS)
-                 for method, checkpoint in checkpoints.items()}
-    outputs = {method: process.communicate(STDIN, timeout=300) + (process.returncode,)
-               for method, process in processes.items()}
+    processes = {
+        method: start(
+            "--model_name_or_path", tiny_model_dir, "--checkpoint", checkpoint, "--max_new_tokens", MAX_NEW_TOKENS
+        )
+        for method, checkpoint in checkpoints.items()
+    }
+    outputs = {
+        method: process.communicate(STDIN, timeout=300) + (process.returncode,) for method, process in processes.items()
+    }
     for method, checkpoint in checkpoints.items():
         stdout, stderr, returncode = outputs[method]
         assert returncode == 0, stderr[-3000:]
         assert "Traceback" not in stderr
         welcome = stdout.splitlines()[0]
-        assert str(tiny_model_dir) in welcome and str(checkpoint) in welcome and "clear" in welcome and "stop" in welcome
+        assert (
+            str(tiny_model_dir) in welcome and str(checkpoint) in welcome and "clear" in welcome and "stop" in welcome
+        )
         assert {"ptuning": "P-Tuning v2", "lora": "LoRA"}[method] in welcome
         assert stdout.count("ChatGLM：") == 3
         got = answers(stdout)

@@ -22,8 +22,15 @@ def test_checkpoints_are_complete_and_no_temporary_folder_remains(tiny_model_dir
     out = tmp_path / "out"
     (out / "tmp-checkpoint-99").mkdir(parents=True)  # what a run killed mid-save leaves behind
     (out / "tmp-checkpoint-99" / "partial").write_text("")
-    run(method, tiny_model_dir, out, *train_flags(method, steps=6, save_steps=2), "--save_total_limit", "2",
-        "--overwrite_output_dir")
+    run(
+        method,
+        tiny_model_dir,
+        out,
+        *train_flags(method, steps=6, save_steps=2),
+        "--save_total_limit",
+        "2",
+        "--overwrite_output_dir",
+    )
     assert not list(out.glob("tmp-checkpoint-*"))  # the leftover is cleared, the new ones renamed
     assert kill_resume.checkpoints(out) == [4, 6]  # rotation still keeps the newest save_total_limit
     for step in (4, 6):

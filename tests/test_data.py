@@ -26,8 +26,13 @@ def private_datasets_cache(tmp_path, monkeypatch):
 
 
 def _args(**overrides) -> DataArguments:
-    values = dict(prompt_column="content", response_column="summary", max_source_length=64,
-                  max_target_length=16, val_max_target_length=8)
+    values = dict(
+        prompt_column="content",
+        response_column="summary",
+        max_source_length=64,
+        max_target_length=16,
+        val_max_target_length=8,
+    )
     return DataArguments(**{**values, **overrides})
 
 
@@ -77,12 +82,15 @@ def test_utf8_bom_is_accepted(tmp_path):
 
 
 def test_history_normalized(tmp_path):
-    path = write_jsonl(tmp_path / "chat.jsonl", [
-        {"content": "q3", "summary": "a3", "history": [["q1", "a1"], ["q2", "a2"]]},
-        {"content": "q", "summary": "a"},  # no history field
-        {"content": "q", "summary": "a", "history": None},
-        {"content": "q", "summary": "a", "history": []},
-    ])
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"content": "q3", "summary": "a3", "history": [["q1", "a1"], ["q2", "a2"]]},
+            {"content": "q", "summary": "a"},  # no history field
+            {"content": "q", "summary": "a", "history": None},
+            {"content": "q", "summary": "a", "history": []},
+        ],
+    )
     records = _read(path, history_column="history")
     assert records[0]["history"] == [["q1", "a1"], ["q2", "a2"]]
     assert [r["history"] for r in records[1:]] == [[], [], []]
@@ -132,10 +140,13 @@ def test_missing_response_column(tmp_path):
     assert "answer, content" in message
 
 
-@pytest.mark.parametrize("record, field, type_name", [
-    ({"content": 42, "summary": "s"}, "content", "int"),
-    ({"content": "c", "summary": ["a", "b"]}, "summary", "list"),
-])
+@pytest.mark.parametrize(
+    "record, field, type_name",
+    [
+        ({"content": 42, "summary": "s"}, "content", "int"),
+        ({"content": "c", "summary": ["a", "b"]}, "summary", "list"),
+    ],
+)
 def test_non_string_value(tmp_path, record, field, type_name):
     path = write_jsonl(tmp_path / "types.jsonl", [RECORDS[0], RECORDS[1], record])
     message = _error(path)
@@ -144,11 +155,19 @@ def test_non_string_value(tmp_path, record, field, type_name):
     assert type_name in message
 
 
-@pytest.mark.parametrize("history", ["q1 a1", [["q1", "a1", "extra"]], [["q1", 7]], [["q1", "a1"], "q2"]],
-                         ids=["string", "triple", "non-string-member", "non-pair-member"])
+@pytest.mark.parametrize(
+    "history",
+    ["q1 a1", [["q1", "a1", "extra"]], [["q1", 7]], [["q1", "a1"], "q2"]],
+    ids=["string", "triple", "non-string-member", "non-pair-member"],
+)
 def test_history_of_wrong_shape(tmp_path, history):
-    path = write_jsonl(tmp_path / "chat.jsonl", [{"content": "q", "summary": "a", "history": [["x", "y"]]},
-                                                 {"content": "q", "summary": "a", "history": history}])
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"content": "q", "summary": "a", "history": [["x", "y"]]},
+            {"content": "q", "summary": "a", "history": history},
+        ],
+    )
     message = _error(path, history_column="history")
     assert f"{path}:2:" in message
     assert "'history'" in message
@@ -238,8 +257,11 @@ def test_load_split_sees_a_rewritten_file(tmp_path):
 def _encode(tokenizer, rows, train, template="chatglm2", max_source_length=64, max_target_length=16, prefix=""):
     fmt = PromptFormat(template, tokenizer, prefix)
     encoder = Encoder(tokenizer, fmt, max_source_length, max_target_length, train)
-    batch = {"prompt": [r[0] for r in rows], "response": [r[1] for r in rows],
-             "history": [r[2] if len(r) > 2 else [] for r in rows]}
+    batch = {
+        "prompt": [r[0] for r in rows],
+        "response": [r[1] for r in rows],
+        "history": [r[2] if len(r) > 2 else [] for r in rows],
+    }
     return encoder(batch)
 
 
@@ -275,15 +297,15 @@ def test_eval_encoding_is_prompt_only_with_answer_labels(tokenizer):
 def test_long_prompt_is_cut_but_keeps_the_cue(tokenizer, max_source_length):
     full = tokenizer.encode(f"[Round 1]\n\n问：{LONG_TEXT}{CUE}")
     cue = tokenizer.encode(CUE, add_special_tokens=False)
-    assert full[-len(cue):] == cue and len(full) > 2 * max_source_length
+    assert full[-len(cue) :] == cue and len(full) > 2 * max_source_length
     out = _encode(tokenizer, [(LONG_TEXT, "好看。")], train=False, max_source_length=max_source_length)
     ids = out["input_ids"][0]
     assert len(ids) == max_source_length
     keep = min(len(cue), max_source_length // 2)
-    assert ids[max_source_length - keep:] == cue[len(cue) - keep:]  # the (end of the) cue survives
+    assert ids[max_source_length - keep :] == cue[len(cue) - keep :]  # the (end of the) cue survives
     assert ids[: max_source_length - keep] == full[: max_source_length - keep]  # the head of the prompt
     if max_source_length >= 2 * len(cue):
-        assert ids[-len(cue):] == cue
+        assert ids[-len(cue) :] == cue
     assert out["source_truncated"] == [True]
 
 
@@ -291,12 +313,14 @@ def test_long_prompt_with_chat_template_keeps_the_generation_prompt(tokenizer):
     import copy
 
     chat = copy.deepcopy(tokenizer)
-    chat.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    chat.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
     out = _encode(chat, [(LONG_TEXT, "好看。")], train=True, template="chat_template", max_source_length=24)
     ids, labels = out["input_ids"][0], out["labels"][0]
     cue = chat.encode("\n<|assistant|>\n", add_special_tokens=False)
-    assert ids[24 - len(cue):24] == cue
+    assert ids[24 - len(cue) : 24] == cue
     assert ids[0] == chat.convert_tokens_to_ids("<|user|>")
     assert labels[:24] == [IGNORE_INDEX] * 24
     assert ids[24:] == labels[24:] == chat.encode("好看。", add_special_tokens=False) + [chat.eos_token_id]
@@ -315,11 +339,15 @@ def test_long_answer_is_cut_to_max_target_length_plus_eos(tokenizer):
 
 
 def test_history_goes_into_the_prompt(tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "chat.jsonl", [
-        {"prompt": "第二问", "response": "第二答", "history": [["第一问", "第一答"]]},
-    ])
-    data_args = _args(prompt_column="prompt", response_column="response", history_column="history",
-                      max_source_length=128)
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"prompt": "第二问", "response": "第二答", "history": [["第一问", "第一答"]]},
+        ],
+    )
+    data_args = _args(
+        prompt_column="prompt", response_column="response", history_column="history", max_source_length=128
+    )
     dataset = load_split(str(path), data_args)
     encoded = tokenize(dataset, tokenizer, PromptFormat("chatglm2", tokenizer), data_args, "train")
     row = encoded[0]
@@ -333,7 +361,13 @@ def test_history_goes_into_the_prompt(tokenizer, tmp_path):
 # ----------------------------------------------------------------------------- tokenize
 
 
-ROWS_WITH_EMPTY = [("类型#裤", "裤子。"), ("", "没有问题"), ("类型#裙", ""), ("类型#衫", "衬衫。"), ("类型#鞋", "鞋子。")]
+ROWS_WITH_EMPTY = [
+    ("类型#裤", "裤子。"),
+    ("", "没有问题"),
+    ("类型#裙", ""),
+    ("类型#衫", "衬衫。"),
+    ("类型#鞋", "鞋子。"),
+]
 
 
 def test_tokenize_train_drops_empty_rows_and_logs(tokenizer, caplog):
@@ -358,7 +392,9 @@ def test_tokenize_predict_keeps_every_row(tokenizer, caplog):
 
 def test_tokenize_all_rows_empty_is_an_error(tokenizer):
     with pytest.raises(DataError, match="every row has an empty prompt or response"):
-        tokenize(_dataset([("", "a"), ("q", "")]), tokenizer, PromptFormat("chatglm2"), _args(train_file="t.json"), "train")
+        tokenize(
+            _dataset([("", "a"), ("q", "")]), tokenizer, PromptFormat("chatglm2"), _args(train_file="t.json"), "train"
+        )
 
 
 def test_tokenize_logs_truncation_counts(tokenizer, caplog):

@@ -27,12 +27,29 @@ from glmtune.cli import main
 STEPS, SAVE_STEPS, PER_PROCESS, PROCESSES = 4, 2, 2, 2
 SIZES = {"MAX_SOURCE_LENGTH": "24", "MAX_TARGET_LENGTH": "8"}
 METHOD = {  # script variables, and the same settings as main.py flags
-    "ptuning": ({"PRE_SEQ_LEN": "4", "LR": "1e-2"}, ["--pre_seq_len", "4", "--learning_rate", "1e-2", "--prefix_dropout", "0"]),
-    "lora": ({"LORA_RANK": "4", "LORA_ALPHA": "8", "LORA_DROPOUT": "0", "LR": "1e-2"},
-             ["--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0", "--learning_rate", "1e-2"]),
+    "ptuning": (
+        {"PRE_SEQ_LEN": "4", "LR": "1e-2"},
+        ["--pre_seq_len", "4", "--learning_rate", "1e-2", "--prefix_dropout", "0"],
+    ),
+    "lora": (
+        {"LORA_RANK": "4", "LORA_ALPHA": "8", "LORA_DROPOUT": "0", "LR": "1e-2"},
+        ["--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0", "--learning_rate", "1e-2"],
+    ),
 }
-COMMON = ["--max_train_samples", "16", "--logging_steps", "1", "--report_to", "none", "--seed", "7",
-          "--max_new_tokens", "6", "--per_device_eval_batch_size", "1"]
+COMMON = [
+    "--max_train_samples",
+    "16",
+    "--logging_steps",
+    "1",
+    "--report_to",
+    "none",
+    "--seed",
+    "7",
+    "--max_new_tokens",
+    "6",
+    "--per_device_eval_batch_size",
+    "1",
+]
 PREDICT = ["--do_predict", "--test_file", str(TOY_DEV), "--max_predict_samples", "5", "--val_max_target_length", "32"]
 WEIGHTS = {"ptuning": "prefix_encoder.safetensors", "lora": "adapter_model.safetensors"}
 RANK_FILES = {f"rng_state_{rank}.pth" for rank in range(PROCESSES)}
@@ -40,22 +57,51 @@ RANK_FILES = {f"rng_state_{rank}.pth" for rank in range(PROCESSES)}
 
 def train_script(method, model_dir, out, *flags) -> None:
     """``NUM_GPUS=2 bash <method>/train.sh``: torchrun, 2 processes."""
-    env = {**os.environ, "NUM_GPUS": str(PROCESSES), "MODEL": str(model_dir), "OUTPUT_DIR": str(out),
-           "BATCH_SIZE": str(PER_PROCESS), "MAX_STEPS": str(STEPS), "SAVE_STEPS": str(SAVE_STEPS),
-           **SIZES, **METHOD[method][0]}
+    env = {
+        **os.environ,
+        "NUM_GPUS": str(PROCESSES),
+        "MODEL": str(model_dir),
+        "OUTPUT_DIR": str(out),
+        "BATCH_SIZE": str(PER_PROCESS),
+        "MAX_STEPS": str(STEPS),
+        "SAVE_STEPS": str(SAVE_STEPS),
+        **SIZES,
+        **METHOD[method][0],
+    }
     if method == "ptuning":
         flags = (*flags, "--prefix_dropout", "0")
-    result = subprocess.run(["bash", f"{method}/train.sh", *COMMON, *flags], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["bash", f"{method}/train.sh", *COMMON, *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
 def train_one_process(method, model_dir, out) -> None:
     """The same run in this process with one batch of 2 x 2 samples per step (what train.sh passes, by hand)."""
-    main(method, ["--do_train", "--model_name_or_path", str(model_dir), "--train_file", str(TOY_TRAIN),
-                  "--output_dir", str(out), "--per_device_train_batch_size", str(PER_PROCESS * PROCESSES),
-                  "--max_steps", str(STEPS), "--save_steps", str(SAVE_STEPS), "--max_source_length", SIZES["MAX_SOURCE_LENGTH"],
-                  "--max_target_length", SIZES["MAX_TARGET_LENGTH"], *COMMON, *METHOD[method][1]])
+    main(
+        method,
+        [
+            "--do_train",
+            "--model_name_or_path",
+            str(model_dir),
+            "--train_file",
+            str(TOY_TRAIN),
+            "--output_dir",
+            str(out),
+            "--per_device_train_batch_size",
+            str(PER_PROCESS * PROCESSES),
+            "--max_steps",
+            str(STEPS),
+            "--save_steps",
+            str(SAVE_STEPS),
+            "--max_source_length",
+            SIZES["MAX_SOURCE_LENGTH"],
+            "--max_target_length",
+            SIZES["MAX_TARGET_LENGTH"],
+            *COMMON,
+            *METHOD[method][1],
+        ],
+    )
 
 
 def losses(out) -> list:
@@ -107,8 +153,21 @@ def test_generation_covers_every_row_once_in_order(runs, tiny_model_dir, tmp_pat
     """The 2-process predictions equal one process's predictions from the same weights, row for row."""
     method, root = runs
     checkpoint_flag = "--ptuning_checkpoint" if method == "ptuning" else "--lora_checkpoint"
-    main(method, ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path), *COMMON, *PREDICT,
-                  "--max_source_length", SIZES["MAX_SOURCE_LENGTH"], checkpoint_flag, str(root / "two")])
+    main(
+        method,
+        [
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--output_dir",
+            str(tmp_path),
+            *COMMON,
+            *PREDICT,
+            "--max_source_length",
+            SIZES["MAX_SOURCE_LENGTH"],
+            checkpoint_flag,
+            str(root / "two"),
+        ],
+    )
     expected = (tmp_path / "generated_predictions.txt").read_text(encoding="utf-8").splitlines()
     gathered = (root / "two" / "generated_predictions.txt").read_text(encoding="utf-8").splitlines()
     labels = [json.loads(line)["labels"] for line in expected]
@@ -132,8 +191,18 @@ def test_one_process_seeing_several_gpus_is_refused(tiny_model_dir, tmp_path):
     from glmtune.errors import ArgumentsError
     from glmtune.parsing import check_args, parse_args
 
-    config = parse_args("lora", ["--do_train", "--train_file", str(TOY_TRAIN), "--model_name_or_path", str(tiny_model_dir),
-                                 "--output_dir", str(tmp_path)])
+    config = parse_args(
+        "lora",
+        [
+            "--do_train",
+            "--train_file",
+            str(TOY_TRAIN),
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--output_dir",
+            str(tmp_path),
+        ],
+    )
     config.training._n_gpu = 2  # what TrainingArguments count on a machine with 2 visible GPUs and no torchrun
     with pytest.raises(ArgumentsError, match="NUM_GPUS=2"):
         check_args(config)
@@ -141,8 +210,20 @@ def test_one_process_seeing_several_gpus_is_refused(tiny_model_dir, tmp_path):
 
 def test_deepspeed_without_a_gpu_is_refused(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main("lora", ["--do_train", "--train_file", str(TOY_TRAIN), "--model_name_or_path", str(tiny_model_dir),
-                      "--output_dir", str(tmp_path), "--deepspeed", str(REPO / "scripts" / "deepspeed" / "zero3.json")])
+        main(
+            "lora",
+            [
+                "--do_train",
+                "--train_file",
+                str(TOY_TRAIN),
+                "--model_name_or_path",
+                str(tiny_model_dir),
+                "--output_dir",
+                str(tmp_path),
+                "--deepspeed",
+                str(REPO / "scripts" / "deepspeed" / "zero3.json"),
+            ],
+        )
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "--deepspeed" in error and ("needs CUDA GPUs" in error or "DeepSpeed, which is not installed" in error)
@@ -155,8 +236,20 @@ def test_the_process_group_is_destroyed_when_a_run_ends(tiny_model_dir, tmp_path
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         with pytest.raises(SystemExit):  # a refused run ends too
-            main("lora", ["--do_train", "--train_file", str(TOY_TRAIN), "--model_name_or_path", str(tiny_model_dir),
-                          "--output_dir", str(tmp_path / "out"), "--pre_seq_len", "4"])
+            main(
+                "lora",
+                [
+                    "--do_train",
+                    "--train_file",
+                    str(TOY_TRAIN),
+                    "--model_name_or_path",
+                    str(tiny_model_dir),
+                    "--output_dir",
+                    str(tmp_path / "out"),
+                    "--pre_seq_len",
+                    "4",
+                ],
+            )
         assert not dist.is_initialized()
     finally:
         if dist.is_initialized():
@@ -170,14 +263,21 @@ def test_the_scripts_refuse_a_bad_process_count(tiny_model_dir, tmp_path, value)
     assert result.returncode == 2 and f"NUM_GPUS must be a positive whole number, got '{value}'" in result.stderr
 
 
-@pytest.mark.parametrize("name, stage, offload", [("zero2", 2, False), ("zero2_offload", 2, True),
-                                                  ("zero3", 3, False), ("zero3_offload", 3, True)])
+@pytest.mark.parametrize(
+    "name, stage, offload",
+    [("zero2", 2, False), ("zero2_offload", 2, True), ("zero3", 3, False), ("zero3_offload", 3, True)],
+)
 def test_deepspeed_configs_leave_sizes_to_the_trainer(name, stage, offload):
     config = json.loads((REPO / "scripts" / "deepspeed" / f"{name}.json").read_text())
     zero = config["zero_optimization"]
     assert zero["stage"] == stage and ("offload_optimizer" in zero) == offload
     # HF Trainer fills "auto" from the flags, so BATCH_SIZE, GRAD_ACCUM and --bf16 keep their meaning
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping"):
+    for key in (
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "train_batch_size",
+        "gradient_clipping",
+    ):
         assert config[key] == "auto", key
     assert config["bf16"]["enabled"] == config["fp16"]["enabled"] == "auto"
     if stage == 3:  # LoRA adapters are gathered into a normal PEFT folder at each save

@@ -34,7 +34,9 @@ def test_float32_equals_peft_with_the_same_dropout_draws(model, tokenizer, dropo
     fast = copy.deepcopy(peft_model)
     assert lora_in_base_dtype(fast) == 2 * 6  # q, k, v, o, gate_up, down in each of the 2 layers
     inputs, labels = batch(tokenizer)
-    (loss, grads), (reference_loss, reference_grads) = (loss_and_gradients(m, inputs, labels) for m in (fast, peft_model))
+    (loss, grads), (reference_loss, reference_grads) = (
+        loss_and_gradients(m, inputs, labels) for m in (fast, peft_model)
+    )
     torch.testing.assert_close(loss, reference_loss, atol=1e-6, rtol=1e-6)
     assert reference_grads.keys() == grads.keys() and len(grads) == 2 * 2 * 6
     for name, grad in reference_grads.items():
@@ -48,7 +50,9 @@ def test_bf16_base_differs_from_peft_by_bf16_rounding_only(model, tokenizer):
     lora_in_base_dtype(fast)
     assert all(p.dtype == torch.float32 for n, p in fast.named_parameters() if p.requires_grad)  # fp32 master weights
     inputs, labels = batch(tokenizer)
-    (loss, grads), (reference_loss, reference_grads) = (loss_and_gradients(m, inputs, labels) for m in (fast, peft_model))
+    (loss, grads), (reference_loss, reference_grads) = (
+        loss_and_gradients(m, inputs, labels) for m in (fast, peft_model)
+    )
     torch.testing.assert_close(loss, reference_loss, atol=0, rtol=1e-2)
     for name, grad in reference_grads.items():  # 1-3% here: bf16 rounding of x A^T and B, amplified by a random model
         assert grads[name].dtype == torch.float32
@@ -60,20 +64,34 @@ def test_bf16_training_curve_matches_peft(model, tokenizer, tmp_path):
     from transformers import Seq2SeqTrainingArguments
 
     inputs, labels = batch(tokenizer)
-    samples = [{"input_ids": ids[mask.bool()].tolist(), "labels": lab[mask.bool()].tolist()}
-               for ids, mask, lab in zip(inputs["input_ids"], inputs["attention_mask"], labels)] * 8
+    samples = [
+        {"input_ids": ids[mask.bool()].tolist(), "labels": lab[mask.bool()].tolist()}
+        for ids, mask, lab in zip(inputs["input_ids"], inputs["attention_mask"], labels)
+    ] * 8
     base = lora_model(model.to(torch.bfloat16))
     curves = []
     for fast in (True, False):
         run = copy.deepcopy(base)
         if fast:
             lora_in_base_dtype(run)
-        args = Seq2SeqTrainingArguments(output_dir=str(tmp_path / str(fast)), per_device_train_batch_size=2, max_steps=6,
-                                        learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
-                                        use_cpu=True, remove_unused_columns=False, label_names=["labels"], seed=5)
+        args = Seq2SeqTrainingArguments(
+            output_dir=str(tmp_path / str(fast)),
+            per_device_train_batch_size=2,
+            max_steps=6,
+            learning_rate=1e-2,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            remove_unused_columns=False,
+            label_names=["labels"],
+            seed=5,
+        )
         from glmtune.data import Collator
 
-        trainer = GlmtuneTrainer(model=run, args=args, train_dataset=samples, data_collator=Collator(tokenizer.pad_token_id, "right"))
+        trainer = GlmtuneTrainer(
+            model=run, args=args, train_dataset=samples, data_collator=Collator(tokenizer.pad_token_id, "right")
+        )
         trainer.train()
         curves.append([e["loss"] for e in trainer.state.log_history if "loss" in e])
     assert len(curves[0]) == 6 and curves[0][-1] < curves[0][0]  # it trains

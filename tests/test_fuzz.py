@@ -15,8 +15,9 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=8,
 )
-records = st.dictionaries(st.sampled_from(["content", "summary", "history", "other"]) | st.text(max_size=6),
-                          json_values, max_size=5)
+records = st.dictionaries(
+    st.sampled_from(["content", "summary", "history", "other"]) | st.text(max_size=6), json_values, max_size=5
+)
 
 
 def read_or_data_error(path, history_column="history"):
@@ -31,7 +32,9 @@ def read_or_data_error(path, history_column="history"):
 @given(rows=st.lists(records | json_values, max_size=5), as_array=st.booleans())
 def test_any_json_gives_records_or_a_data_error(tmp_path_factory, rows, as_array):
     path = tmp_path_factory.mktemp("fuzz") / "data.json"
-    text = json.dumps(rows, ensure_ascii=False) if as_array else "\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+    text = (
+        json.dumps(rows, ensure_ascii=False) if as_array else "\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+    )
     path.write_text(text, encoding="utf-8")
     result = read_or_data_error(path)
     if result is not None:
@@ -47,8 +50,12 @@ def test_any_bytes_give_records_or_a_data_error(tmp_path_factory, raw):
 
 
 @FAST
-@given(query=st.text(max_size=40), history=st.lists(st.tuples(st.text(max_size=20), st.text(max_size=20)), max_size=3),
-       template=st.sampled_from(["chatglm2", "chatglm", "raw"]), prefix=st.text(max_size=5))
+@given(
+    query=st.text(max_size=40),
+    history=st.lists(st.tuples(st.text(max_size=20), st.text(max_size=20)), max_size=3),
+    template=st.sampled_from(["chatglm2", "chatglm", "raw"]),
+    prefix=st.text(max_size=5),
+)
 def test_any_text_builds_a_prompt_and_fits_max_source_length(tokenizer, query, history, template, prefix):
     history = [] if template == "raw" else [list(pair) for pair in history]
     prompt_format = PromptFormat(template, tokenizer, prefix)

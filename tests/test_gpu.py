@@ -20,8 +20,9 @@ def quantized(tiny_model_dir, bits):
 
 
 def train_step(model, tokenizer):
-    inputs = tokenizer(["类型#裙*颜色#白色", "类型#上衣*风格#简约*图案#刺绣"], return_tensors="pt", padding=True,
-                       padding_side="right").to("cuda")
+    inputs = tokenizer(
+        ["类型#裙*颜色#白色", "类型#上衣*风格#简约*图案#刺绣"], return_tensors="pt", padding=True, padding_side="right"
+    ).to("cuda")
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -41,7 +42,9 @@ def test_prefix_on_quantized_base_trains_only_the_prefix(tiny_model_dir, tokeniz
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_lora_on_quantized_base_trains_only_lora(tiny_model_dir, tokenizer, bits):
-    model = add_lora(quantized(tiny_model_dir, bits), LoraArguments(lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_target="all"))
+    model = add_lora(
+        quantized(tiny_model_dir, bits), LoraArguments(lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_target="all")
+    )
     assert torch.isfinite(train_step(model, tokenizer))
     trained = {n for n, p in model.named_parameters() if p.grad is not None}
     assert trained and all("lora_" in n for n in trained)
@@ -52,10 +55,10 @@ def test_quantized_prefix_batched_generation_matches_single(tiny_model_dir, toke
     prompts = ["类型#上衣*颜色#白色*风格#简约", "类型#裙"]
     kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     together = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to("cuda")
-    batched = model.generate(**together, **kwargs)[:, together["input_ids"].shape[1]:]
+    batched = model.generate(**together, **kwargs)[:, together["input_ids"].shape[1] :]
     for row, prompt in enumerate(prompts):
         alone = tokenizer([prompt], return_tensors="pt").to("cuda")
-        assert model.generate(**alone, **kwargs)[0, alone["input_ids"].shape[1]:].tolist() == batched[row].tolist()
+        assert model.generate(**alone, **kwargs)[0, alone["input_ids"].shape[1] :].tolist() == batched[row].tolist()
 
 
 @pytest.mark.skipif(not GOLDEN.is_dir(), reason="needs ../shared/golden (the ChatGLM parity material)")

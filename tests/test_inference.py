@@ -45,8 +45,13 @@ def other_base(tmp_path, **shape):
     return out
 
 
-@pytest.mark.parametrize("shape, named", [({"num_hidden_layers": 3}, "num_layers 2 there, 3 here"),
-                                          ({"hidden_size": 64, "head_dim": 16}, "head_dim 32 there, 16 here")])
+@pytest.mark.parametrize(
+    "shape, named",
+    [
+        ({"num_hidden_layers": 3}, "num_layers 2 there, 3 here"),
+        ({"hidden_size": 64, "head_dim": 16}, "head_dim 32 there, 16 here"),
+    ],
+)
 def test_prefix_checkpoint_on_a_different_base_is_refused(tmp_path, ptuning_checkpoint, shape, named):
     with pytest.raises(GlmtuneError, match=named):
         load_tuned(str(other_base(tmp_path, **shape)), str(ptuning_checkpoint))
@@ -55,9 +60,17 @@ def test_prefix_checkpoint_on_a_different_base_is_refused(tmp_path, ptuning_chec
 def test_lora_adapter_whose_targets_do_not_exist_is_refused(tmp_path, lora_checkpoint, tokenizer):
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
     tokenizer.save_pretrained(tmp_path / "llama")
     with pytest.raises(GlmtuneError, match="cannot load this adapter"):

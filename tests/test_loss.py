@@ -39,7 +39,9 @@ def batch(tokenizer):
 @pytest.mark.parametrize("method", ["ptuning", "lora"])
 @pytest.mark.parametrize("num_items", [None, 37])
 @pytest.mark.parametrize("index_from_collator", [False, True])
-def test_value_and_gradients_equal_transformers_loss(model, tokenizer, monkeypatch, method, num_items, index_from_collator):
+def test_value_and_gradients_equal_transformers_loss(
+    model, tokenizer, monkeypatch, method, num_items, index_from_collator
+):
     """Also with the target positions handed over by the collator (glmtune.data.target_index: no host sync)."""
     monkeypatch.setattr(glmtune.loss, "CHUNK_TOKENS", 5)  # several chunks, the last one partial
     model = adapted(model, method).train()
@@ -89,8 +91,9 @@ def test_compiled_layers_give_the_same_loss_and_gradients(model, tokenizer):
     for variant in (eager, compiled):
         variant(**inputs, labels=labels).loss.backward()
     torch.testing.assert_close(compiled(**inputs, labels=labels).loss, eager(**inputs, labels=labels).loss)
-    torch.testing.assert_close(compiled.prefix_encoder.embedding.weight.grad, eager.prefix_encoder.embedding.weight.grad,
-                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        compiled.prefix_encoder.embedding.weight.grad, eager.prefix_encoder.embedding.weight.grad, atol=1e-6, rtol=1e-5
+    )
 
 
 def train_curve(model, tokenizer, tmp_path, steps=8, collator=None, callbacks=None, **training_args) -> list:
@@ -101,14 +104,31 @@ def train_curve(model, tokenizer, tmp_path, steps=8, collator=None, callbacks=No
     from glmtune.trainer import GlmtuneTrainer
 
     inputs, labels = batch(tokenizer)
-    samples = [{"input_ids": ids[mask.bool()].tolist(), "labels": lab[mask.bool()].tolist()}
-               for ids, mask, lab in zip(inputs["input_ids"], inputs["attention_mask"], labels)] * steps
-    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=steps,
-                                    learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
-                                    use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
-                                    label_names=["labels"], seed=5, **training_args)
-    trainer = GlmtuneTrainer(model=model, args=args, train_dataset=samples, callbacks=callbacks,
-                             data_collator=collator or Collator(tokenizer.pad_token_id, "right"))
+    samples = [
+        {"input_ids": ids[mask.bool()].tolist(), "labels": lab[mask.bool()].tolist()}
+        for ids, mask, lab in zip(inputs["input_ids"], inputs["attention_mask"], labels)
+    ] * steps
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=steps,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        label_names=["labels"],
+        seed=5,
+        **training_args,
+    )
+    trainer = GlmtuneTrainer(
+        model=model,
+        args=args,
+        train_dataset=samples,
+        callbacks=callbacks,
+        data_collator=collator or Collator(tokenizer.pad_token_id, "right"),
+    )
     trainer.train()
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
@@ -127,7 +147,9 @@ def test_nan_losses_are_filtered_as_trainer_does(model, tokenizer, tmp_path, nan
                     run.prefix_encoder.embedding.weight.fill_(float("nan"))
 
     run = adapted(model, "ptuning")
-    curve = train_curve(run, tokenizer, tmp_path, steps=4, callbacks=[PoisonAfterTwoSteps()], logging_nan_inf_filter=nan_filter)
+    curve = train_curve(
+        run, tokenizer, tmp_path, steps=4, callbacks=[PoisonAfterTwoSteps()], logging_nan_inf_filter=nan_filter
+    )
     assert all(math.isfinite(loss) and loss > 1 for loss in curve[:2])
     assert curve[2:] == [0.0, 0.0] if nan_filter else all(math.isnan(loss) for loss in curve[2:])
 
@@ -172,7 +194,9 @@ def test_bf16_cuda_training_curve_matches_the_previous_path(model, tokenizer, tm
     try:
         for fast in (True, False):
             torch.manual_seed(0)
-            run = adapted(copy.deepcopy(base), method)  # adapters after the copy: the prefix hook holds its model's layers
+            run = adapted(
+                copy.deepcopy(base), method
+            )  # adapters after the copy: the prefix hook holds its model's layers
             if fast:
                 register_attention()
                 if method == "lora":  # compile_decoder_layers does this for LoRA; P-Tuning v2 has it already

@@ -81,15 +81,36 @@ def expected(tiny_model_dir, adapter):
     return batch, base, tuned
 
 
-def test_merged_folder_loads_with_transformers_alone_and_matches_base_plus_adapter(tiny_model_dir, adapter, expected, tmp_path):
+def test_merged_folder_loads_with_transformers_alone_and_matches_base_plus_adapter(
+    tiny_model_dir, adapter, expected, tmp_path
+):
     output = tmp_path / "merged"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--model_name_or_path", str(tiny_model_dir),
-                             "--checkpoint", str(adapter), "--output", str(output)],
-                            cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--checkpoint",
+            str(adapter),
+            "--output",
+            str(output),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert str(output) in result.stdout
     names = {path.name for path in output.iterdir()}
-    assert names >= {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert names >= {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     assert not {name for name in names if name.startswith("adapter_")}
     assert not (tmp_path / "merged.partial").exists()
     config = json.loads((output / "config.json").read_text())
@@ -99,12 +120,24 @@ def test_merged_folder_loads_with_transformers_alone_and_matches_base_plus_adapt
     merged = plain(output)
     assert not any("lora" in name for name, _ in merged.named_parameters())
     torch.testing.assert_close(logits(merged, batch), tuned, atol=1e-5, rtol=0)
-    assert AutoTokenizer.from_pretrained(output)("类型#裙")["input_ids"] == AutoTokenizer.from_pretrained(tiny_model_dir)("类型#裙")["input_ids"]
+    assert (
+        AutoTokenizer.from_pretrained(output)("类型#裙")["input_ids"]
+        == AutoTokenizer.from_pretrained(tiny_model_dir)("类型#裙")["input_ids"]
+    )
 
 
 def test_small_shards_an_existing_output_and_overwrite(tiny_model_dir, adapter, expected, tmp_path, capsys):
     output = tmp_path / "sharded"
-    flags = ["--model_name_or_path", tiny_model_dir, "--checkpoint", adapter, "--output", output, "--max_shard_size", "1MB"]
+    flags = [
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--checkpoint",
+        adapter,
+        "--output",
+        output,
+        "--max_shard_size",
+        "1MB",
+    ]
     assert run_in_process(capsys, *flags)[0] == 0
     shards = sorted(path.name for path in output.glob("*.safetensors"))
     assert len(shards) >= 2 and (output / "model.safetensors.index.json").is_file()
@@ -113,24 +146,48 @@ def test_small_shards_an_existing_output_and_overwrite(tiny_model_dir, adapter, 
 
     (output / "marker").write_text("old")
     code, stderr = run_in_process(capsys, *flags)
-    assert code == 2 and stderr.splitlines() == [f"error: --output {output} already exists: pass --overwrite to replace it, or choose another folder"]
+    assert code == 2 and stderr.splitlines() == [
+        f"error: --output {output} already exists: pass --overwrite to replace it, or choose another folder"
+    ]
     assert (output / "marker").exists()
     assert run_in_process(capsys, *flags, "--overwrite")[0] == 0
     assert not (output / "marker").exists() and len(list(output.glob("*.safetensors"))) == len(shards)
 
 
-def test_ptuning_checkpoints_and_quantized_merges_are_refused(tiny_model_dir, ptuning_checkpoint, lora_checkpoint, tmp_path, capsys):
-    code, stderr = run_in_process(capsys, "--model_name_or_path", tiny_model_dir, "--checkpoint", ptuning_checkpoint,
-                                  "--output", tmp_path / "out")
+def test_ptuning_checkpoints_and_quantized_merges_are_refused(
+    tiny_model_dir, ptuning_checkpoint, lora_checkpoint, tmp_path, capsys
+):
+    code, stderr = run_in_process(
+        capsys, "--model_name_or_path", tiny_model_dir, "--checkpoint", ptuning_checkpoint, "--output", tmp_path / "out"
+    )
     assert code == 2 and len(stderr.splitlines()) == 1
     assert "is a P-Tuning v2 checkpoint" in stderr and "cannot be merged" in stderr
 
-    code, stderr = run_in_process(capsys, "--model_name_or_path", tiny_model_dir, "--checkpoint", lora_checkpoint,
-                                  "--output", tmp_path / "out", "--quantization_bit", "4")
+    code, stderr = run_in_process(
+        capsys,
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--checkpoint",
+        lora_checkpoint,
+        "--output",
+        tmp_path / "out",
+        "--quantization_bit",
+        "4",
+    )
     assert code == 2 and len(stderr.splitlines()) == 1
-    assert "--quantization_bit 4" in stderr and "full-precision base" in stderr and "quantize the merged model" in stderr
+    assert (
+        "--quantization_bit 4" in stderr and "full-precision base" in stderr and "quantize the merged model" in stderr
+    )
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
-    code, stderr = run_in_process(capsys, "--model_name_or_path", tiny_model_dir, "--checkpoint", lora_checkpoint,
-                                  "--output", tiny_model_dir, "--overwrite")
+    code, stderr = run_in_process(
+        capsys,
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--checkpoint",
+        lora_checkpoint,
+        "--output",
+        tiny_model_dir,
+        "--overwrite",
+    )
     assert code == 2 and "would replace --model_name_or_path" in stderr

@@ -28,6 +28,7 @@ ZEROS = {key: 0.0 for key in METRIC_KEYS}
 
 # --- score_pair -------------------------------------------------------------
 
+
 def test_identical_strings_score_100():
     # 7 characters, so all four character n-gram orders exist and BLEU is exactly 1.
     assert score_pair("我爱北京天安门", "我爱北京天安门") == {key: 100.0 for key in METRIC_KEYS}
@@ -63,14 +64,13 @@ def test_rouge_by_hand_from_jieba_tokens():
 
 def test_bleu_matches_direct_nltk_call_on_characters():
     prediction, label = "这件连衣裙很显瘦，适合夏天穿", "这款连衣裙版型显瘦，夏天穿着清爽"
-    direct = sentence_bleu(
-        [list(label)], list(prediction), smoothing_function=SmoothingFunction().method3
-    )
+    direct = sentence_bleu([list(label)], list(prediction), smoothing_function=SmoothingFunction().method3)
     assert 0 < direct < 1
     assert score_pair(prediction, label)["bleu-4"] == round(direct * 100, 4)
 
 
 # --- score_corpus -----------------------------------------------------------
+
 
 def test_score_corpus_is_the_arithmetic_mean():
     preds = ["我爱北京天安门", "", "我爱上海"]
@@ -93,6 +93,7 @@ def test_score_corpus_rejects_mismatched_or_empty_input():
 
 # --- ComputeMetrics / decode_texts ------------------------------------------
 
+
 class CharTokenizer:
     """Minimal stand-in for a HF tokenizer: id -> character, id 0 is <pad>.
 
@@ -107,9 +108,7 @@ class CharTokenizer:
         for seq in sequences:
             if any(i < 0 for i in seq):
                 raise OverflowError("out of range integral type conversion attempted")
-            texts.append("".join(
-                self.vocab[i] for i in seq if not (skip_special_tokens and i == self.pad_token_id)
-            ))
+            texts.append("".join(self.vocab[i] for i in seq if not (skip_special_tokens and i == self.pad_token_id)))
         return texts
 
 
@@ -139,6 +138,7 @@ def test_compute_metrics_handles_minus_100_in_preds_and_labels():
 
 
 # --- read_predictions / score_file ------------------------------------------
+
 
 def write_lines(path, lines, trailing_newline=True):
     path.write_text("\n".join(lines) + ("\n" if trailing_newline else ""), encoding="utf-8")
@@ -200,11 +200,16 @@ def test_score_file_rejects_empty_file(tmp_path):
 
 # --- CLI --------------------------------------------------------------------
 
+
 def run_cli(*args):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # score.py must find glmtune itself
     return subprocess.run(
         [sys.executable, str(SCORE_PY), *map(str, args)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

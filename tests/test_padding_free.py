@@ -72,8 +72,10 @@ def test_samples_do_not_see_each_other(model):
     changed = copy.deepcopy(SAMPLES)
     changed[1]["input_ids"] = [30, 31, 32]
     with torch.no_grad():
-        logits = [run(**{k: v for k, v in PaddingFreeCollator()(s).items() if k not in ("labels", "target_index")}).logits[0]
-                  for s in (SAMPLES, changed)]
+        logits = [
+            run(**{k: v for k, v in PaddingFreeCollator()(s).items() if k not in ("labels", "target_index")}).logits[0]
+            for s in (SAMPLES, changed)
+        ]
     torch.testing.assert_close(logits[1][:7], logits[0][:7])
     torch.testing.assert_close(logits[1][10:], logits[0][10:])
     assert not torch.allclose(logits[1][7:10], logits[0][7:10])
@@ -87,7 +89,9 @@ def test_no_search_for_packed_samples(model, monkeypatch):
 
     searches = []
     search = masking.find_packed_sequence_indices
-    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda positions: searches.append(1) or search(positions))
+    monkeypatch.setattr(
+        masking, "find_packed_sequence_indices", lambda positions: searches.append(1) or search(positions)
+    )
     inputs = PaddingFreeCollator()(SAMPLES)
     inputs.pop("target_index")
     losses = []
@@ -115,16 +119,30 @@ def test_flash_route_equals_the_block_mask_route(pre_seq_len):
     layer.num_key_value_groups = heads // kv_heads
     tokens = sum(lengths)
     cu = torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32, device="cuda")
-    tensors = [torch.randn(1, heads, tokens, dim), torch.randn(1, kv_heads, tokens, dim),
-               torch.randn(1, kv_heads, tokens, dim), torch.randn(2, kv_heads, max(pre_seq_len, 1), dim)]
+    tensors = [
+        torch.randn(1, heads, tokens, dim),
+        torch.randn(1, kv_heads, tokens, dim),
+        torch.randn(1, kv_heads, tokens, dim),
+        torch.randn(2, kv_heads, max(pre_seq_len, 1), dim),
+    ]
     results = []
     for dtype in (torch.bfloat16, torch.float32):
         query, key, value, prefix = [t.to("cuda", dtype).requires_grad_() for t in tensors]
         assert _flash_applies(query, key) == (dtype == torch.bfloat16)
         layer.prefix_key_value = prefix if pre_seq_len else None
-        out, _ = prefix_sdpa_attention(layer, query, key, value, None, scaling=dim ** -0.5, dropout=0.0,
-                                       cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths),
-                                       max_length_k=max(lengths))
+        out, _ = prefix_sdpa_attention(
+            layer,
+            query,
+            key,
+            value,
+            None,
+            scaling=dim**-0.5,
+            dropout=0.0,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=max(lengths),
+            max_length_k=max(lengths),
+        )
         assert out.shape == (1, tokens, heads, dim)
         out.float().square().sum().backward()
         results.append([out.float()] + [t.grad.float() for t in (query, key, value, prefix) if t.grad is not None])
@@ -142,13 +160,15 @@ def test_block_mask_route_equals_explicit_softmax():
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
     query, key, value = torch.randn(1, 4, 8, dim), torch.randn(1, 2, 8, dim), torch.randn(1, 2, 8, dim)
     layer.prefix_key_value = torch.randn(2, 2, pre, dim)
-    out, _ = prefix_sdpa_attention(layer, query, key, value, None, scaling=dim ** -0.5, cu_seq_lens_q=cu, max_length_q=5)
+    out, _ = prefix_sdpa_attention(layer, query, key, value, None, scaling=dim**-0.5, cu_seq_lens_q=cu, max_length_q=5)
     for start, length in ((0, 3), (3, 5)):
         span = slice(start, start + length)
         keys = torch.cat([layer.prefix_key_value[0], key[0, :, span]], dim=1).repeat_interleave(2, dim=0)
         values = torch.cat([layer.prefix_key_value[1], value[0, :, span]], dim=1).repeat_interleave(2, dim=0)
         scores = query[0, :, span] @ keys.transpose(-1, -2) / math.sqrt(dim)
-        visible = torch.cat([torch.ones(length, pre, dtype=torch.bool), torch.tril(torch.ones(length, length, dtype=torch.bool))], 1)
+        visible = torch.cat(
+            [torch.ones(length, pre, dtype=torch.bool), torch.tril(torch.ones(length, length, dtype=torch.bool))], 1
+        )
         expected = (scores.masked_fill(~visible, float("-inf")).softmax(-1) @ values).transpose(0, 1)
         torch.testing.assert_close(out[0, span], expected, atol=1e-5, rtol=1e-5)
 
@@ -165,11 +185,11 @@ def test_prefix_is_copied_in_front_of_every_sample():
     assert cu_k.tolist() == [0, 7, 16, 21] and cu_k.dtype == torch.int32
     for i in range(3):
         for joined, own, part in ((keys, key, prefix[0]), (values, value, prefix[1])):
-            expected = torch.cat([part.transpose(0, 1), own[cu[i]:cu[i + 1]]])
-            torch.testing.assert_close(joined[cu_k[i]:cu_k[i + 1]], expected, atol=0, rtol=0)
+            expected = torch.cat([part.transpose(0, 1), own[cu[i] : cu[i + 1]]])
+            torch.testing.assert_close(joined[cu_k[i] : cu_k[i + 1]], expected, atol=0, rtol=0)
     weights = torch.randn(keys.shape)
     (keys * weights).sum().backward()  # the prefix's gradient sums over the samples' copies
-    expected = sum(weights[cu_k[i]:cu_k[i] + 4] for i in range(3)).transpose(0, 1)
+    expected = sum(weights[cu_k[i] : cu_k[i] + 4] for i in range(3)).transpose(0, 1)
     torch.testing.assert_close(prefix.grad[0], expected)
 
 
@@ -232,6 +252,8 @@ def test_bf16_cuda_compiled_curve_matches_padded_batches(model, tokenizer, tmp_p
         if fast:
             use_glmtune_attention(run)
             compile_decoder_layers(run)
-        curves.append(train_curve(run, tokenizer, tmp_path / str(fast), collator=PaddingFreeCollator() if fast else None))
+        curves.append(
+            train_curve(run, tokenizer, tmp_path / str(fast), collator=PaddingFreeCollator() if fast else None)
+        )
     assert len(curves[0]) == 8 and curves[0][-1] < curves[0][0]
     assert curves[0] == pytest.approx(curves[1], rel=2e-2)

@@ -16,8 +16,12 @@ PRE_SEQ_LEN = 5
 
 
 def prefixed(model, projection=False, dropout=0.0):
-    model = add_prefix_encoder(model, PtuningArguments(pre_seq_len=PRE_SEQ_LEN, prefix_projection=projection,
-                                                       prefix_hidden_size=16, prefix_dropout=dropout))
+    model = add_prefix_encoder(
+        model,
+        PtuningArguments(
+            pre_seq_len=PRE_SEQ_LEN, prefix_projection=projection, prefix_hidden_size=16, prefix_dropout=dropout
+        ),
+    )
     torch.manual_seed(1)
     for p in model.prefix_encoder.parameters():  # visible prefixes: N(0, 1) keys dominate a random tiny model
         torch.nn.init.normal_(p, std=1.0)
@@ -54,7 +58,7 @@ def test_attention_equals_explicit_softmax_with_prefix_keys(model):
     pad = torch.tensor([[True] * q_len, [False, False] + [True] * (q_len - 2)])  # second row left-padded by 2
     causal = torch.tril(torch.ones(q_len, q_len, dtype=torch.bool))
     mask = (causal[None] & pad[:, None, :])[:, None]  # [B, 1, Q, K] as transformers builds it for SDPA
-    out, _ = prefix_sdpa_attention(layer, query, key, value, mask, scaling=dim ** -0.5, dropout=0.0)
+    out, _ = prefix_sdpa_attention(layer, query, key, value, mask, scaling=dim**-0.5, dropout=0.0)
 
     prefix_keys, prefix_values = layer.prefix_key_value  # [kv_heads, P, D] each
     full_keys = torch.cat([prefix_keys.expand(batch_size, -1, -1, -1), key], dim=2).repeat_interleave(2, dim=1)
@@ -79,7 +83,9 @@ def test_model_equals_prefix_given_as_kv_cache_with_unshifted_positions(model, t
         for layer_idx, (keys, values) in enumerate(prefix):
             cache.update(keys.expand(2, -1, -1, -1), values.expand(2, -1, -1, -1), layer_idx)
         expected = reference(
-            input_ids=inputs["input_ids"], position_ids=positions, past_key_values=cache,
+            input_ids=inputs["input_ids"],
+            position_ids=positions,
+            past_key_values=cache,
             attention_mask=torch.cat([torch.ones(2, PRE_SEQ_LEN, dtype=mask.dtype), mask], dim=-1),
         ).logits
     real = mask.bool()
@@ -112,10 +118,10 @@ def test_left_padded_batched_generation_matches_one_at_a_time(model, tokenizer):
     prompts = ["类型#上衣*颜色#白色*风格#简约*图案#刺绣", "类型#裙", "类型#裤*材质#牛仔布"]
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=True)
     inputs = batch(tokenizer, prompts, side="left")
-    together = model.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1]:]
+    together = model.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1] :]
     for row, prompt in enumerate(prompts):
         alone = batch(tokenizer, [prompt])
-        single = model.generate(**alone, **kwargs)[0, alone["input_ids"].shape[1]:]
+        single = model.generate(**alone, **kwargs)[0, alone["input_ids"].shape[1] :]
         assert together[row].tolist() == single.tolist()
 
 
@@ -144,8 +150,16 @@ def test_other_architectures_match_the_kv_cache_route_and_train_only_the_prefix(
     import transformers
 
     config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
-    config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=tokenizer.pad_token_id)
+    config = config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     base = getattr(transformers, architecture)(config).eval()
     test_model_equals_prefix_given_as_kv_cache_with_unshifted_positions(base, tokenizer)
@@ -200,15 +214,20 @@ def test_prefix_mask_is_none_only_for_right_padding_without_cache():
     holes = torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]])
     assert prefix_mask(2, 4, 4, attention_mask=right) is None
     cases = [
-        dict(attention_mask=left), dict(attention_mask=holes),
+        dict(attention_mask=left),
+        dict(attention_mask=holes),
         dict(attention_mask=right, allow_is_causal_skip=False),
         dict(attention_mask=right, local_size=2, mask_function=sliding_window_causal_mask_function(2)),
     ]
     for case in cases:
-        torch.testing.assert_close(prefix_mask(2, 4, 4, **case), sdpa_mask(batch_size=2, q_length=4, kv_length=4, **case))
+        torch.testing.assert_close(
+            prefix_mask(2, 4, 4, **case), sdpa_mask(batch_size=2, q_length=4, kv_length=4, **case)
+        )
     cached = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # one new token after four cached ones
-    torch.testing.assert_close(prefix_mask(2, 1, 5, q_offset=4, attention_mask=cached),
-                               sdpa_mask(batch_size=2, q_length=1, kv_length=5, q_offset=4, attention_mask=cached))
+    torch.testing.assert_close(
+        prefix_mask(2, 1, 5, q_offset=4, attention_mask=cached),
+        sdpa_mask(batch_size=2, q_length=1, kv_length=5, q_offset=4, attention_mask=cached),
+    )
 
 
 @pytest.mark.gpu
@@ -221,14 +240,18 @@ def test_flash_route_equals_the_explicit_mask_route(q_len, cached, pre_seq_len):
     layer = torch.nn.Module()
     heads, kv_heads, dim = 8, 2, 128
     layer.num_key_value_groups = heads // kv_heads
-    tensors = [torch.randn(2, heads, q_len, dim), torch.randn(2, kv_heads, cached + q_len, dim),
-               torch.randn(2, kv_heads, cached + q_len, dim), torch.randn(kv_heads, max(pre_seq_len, 1), dim)]
+    tensors = [
+        torch.randn(2, heads, q_len, dim),
+        torch.randn(2, kv_heads, cached + q_len, dim),
+        torch.randn(2, kv_heads, cached + q_len, dim),
+        torch.randn(kv_heads, max(pre_seq_len, 1), dim),
+    ]
     results = []
     for dtype in (torch.bfloat16, torch.float32):  # float32 on CUDA takes the explicit-mask route
         query, key, value, prefix = [t.to("cuda", dtype).requires_grad_() for t in tensors]
         assert _flash_applies(query, key) == (dtype == torch.bfloat16)
         layer.prefix_key_value = torch.stack([prefix, prefix.flip(-1)]) if pre_seq_len else None
-        out, _ = prefix_sdpa_attention(layer, query, key, value, None, scaling=dim ** -0.5, dropout=0.0)
+        out, _ = prefix_sdpa_attention(layer, query, key, value, None, scaling=dim**-0.5, dropout=0.0)
         out.float().square().sum().backward()
         grads = [t.grad.float() for t in (query, key, value, prefix) if t.grad is not None]
         results.append([out.float(), *grads])

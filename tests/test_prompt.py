@@ -41,16 +41,13 @@ def test_chatglm2_without_history_is_wrapped_as_round_1():
 
 def test_chatglm2_one_round_of_history():
     assert PromptFormat("chatglm2").render("q", HISTORY_1) == (
-        "[Round 1]\n\n问：q1\n\n答：a1\n\n"
-        "[Round 2]\n\n问：q\n\n答："
+        "[Round 1]\n\n问：q1\n\n答：a1\n\n[Round 2]\n\n问：q\n\n答："
     )
 
 
 def test_chatglm2_two_rounds_of_history():
     assert PromptFormat("chatglm2").render("q", HISTORY_2) == (
-        "[Round 1]\n\n问：q1\n\n答：a1\n\n"
-        "[Round 2]\n\n问：q2\n\n答：a2\n\n"
-        "[Round 3]\n\n问：q\n\n答："
+        "[Round 1]\n\n问：q1\n\n答：a1\n\n[Round 2]\n\n问：q2\n\n答：a2\n\n[Round 3]\n\n问：q\n\n答："
     )
 
 
@@ -70,9 +67,7 @@ def test_chatglm_without_history_is_the_raw_query():
 def test_chatglm_with_history_counts_rounds_from_0():
     assert PromptFormat("chatglm").render("q", HISTORY_1) == "[Round 0]\n问：q1\n答：a1\n[Round 1]\n问：q\n答："
     assert PromptFormat("chatglm").render("q", HISTORY_2) == (
-        "[Round 0]\n问：q1\n答：a1\n"
-        "[Round 1]\n问：q2\n答：a2\n"
-        "[Round 2]\n问：q\n答："
+        "[Round 0]\n问：q1\n答：a1\n[Round 1]\n问：q2\n答：a2\n[Round 2]\n问：q\n答："
     )
 
 
@@ -163,7 +158,7 @@ def test_chat_template_tail_is_the_text_after_the_query(chat_tokenizer):
     fmt = PromptFormat("chat_template", chat_tokenizer)
     without_cue = chat_tokenizer.apply_chat_template(_messages("q", []), tokenize=False, add_generation_prompt=False)
     with_cue = chat_tokenizer.apply_chat_template(_messages("q", []), tokenize=False, add_generation_prompt=True)
-    generation_prompt = with_cue[len(without_cue):]
+    generation_prompt = with_cue[len(without_cue) :]
     assert generation_prompt == "<|assistant|>\n"
     for history in (None, HISTORY_2):
         tail = "".join(fmt.tail(history))
@@ -178,12 +173,35 @@ def test_chat_template_tail_is_the_text_after_the_query(chat_tokenizer):
 def test_chatglm3_segments_are_role_tokens_and_separately_tokenized_texts():
     fmt = PromptFormat("chatglm3", source_prefix="PFX")
     segments = fmt.segments("q", HISTORY_1)
-    assert segments == ["[gMASK]", "sop", "<|user|>", "\n", "q1", "<|assistant|>", "\n", "a1",
-                        "<|user|>", "\n", "PFXq", "<|assistant|>"]
-    assert [isinstance(s, Special) for s in segments] == [True, True, True, False, False, True, False, False,
-                                                          True, False, False, True]
+    assert segments == [
+        "[gMASK]",
+        "sop",
+        "<|user|>",
+        "\n",
+        "q1",
+        "<|assistant|>",
+        "\n",
+        "a1",
+        "<|user|>",
+        "\n",
+        "PFXq",
+        "<|assistant|>",
+    ]
+    assert [isinstance(s, Special) for s in segments] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+    ]
     assert fmt.tail(HISTORY_1) == ["<|assistant|>"] and isinstance(fmt.tail()[0], Special)
     assert fmt.answer_segments("a") == ["\n", "a"]
     assert fmt.stop_tokens() == ("<|user|>", "<|observation|>")
     assert not fmt.framed and PromptFormat("chatglm2").framed
-

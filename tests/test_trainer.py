@@ -19,18 +19,47 @@ METHOD_FLAGS = {
 
 def run(method, model_dir, output_dir, *flags):
     common = [
-        "--model_name_or_path", str(model_dir), "--output_dir", str(output_dir),
-        "--max_source_length", "32", "--max_target_length", "16", "--max_new_tokens", "8",
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
-        "--max_train_samples", "48", "--max_predict_samples", "6", "--report_to", "none",
-        "--logging_steps", "1", "--seed", "7", "--dataloader_num_workers", "0",
+        "--model_name_or_path",
+        str(model_dir),
+        "--output_dir",
+        str(output_dir),
+        "--max_source_length",
+        "32",
+        "--max_target_length",
+        "16",
+        "--max_new_tokens",
+        "8",
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "4",
+        "--max_train_samples",
+        "48",
+        "--max_predict_samples",
+        "6",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        "--seed",
+        "7",
+        "--dataloader_num_workers",
+        "0",
     ]
     return main(method, common + list(flags))
 
 
 def train_flags(method, steps=6, save_steps=3):
-    return ["--do_train", "--train_file", str(TOY_TRAIN), "--max_steps", str(steps),
-            "--save_steps", str(save_steps), *METHOD_FLAGS[method]]
+    return [
+        "--do_train",
+        "--train_file",
+        str(TOY_TRAIN),
+        "--max_steps",
+        str(steps),
+        "--save_steps",
+        str(save_steps),
+        *METHOD_FLAGS[method],
+    ]
 
 
 PREDICT = ["--do_predict", "--test_file", str(TOY_DEV)]

@@ -23,9 +23,18 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 SETUP_HINT = "run `bash scripts/setup_demo.sh` (pip extras + Debian chromium/chromium-driver)"
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1280,1100"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1100",
+]
 
 
 def _free_port() -> int:
@@ -38,9 +47,20 @@ def _start_server(request, tmp_path, model_dir, checkpoint):
     port = _free_port()
     log = open(tmp_path / "web_demo.log", "w")
     server = subprocess.Popen(
-        [sys.executable, str(REPO / "scripts" / "web_demo.py"), "--model_name_or_path", str(model_dir),
-         "--checkpoint", str(checkpoint), "--port", str(port)],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+        [
+            sys.executable,
+            str(REPO / "scripts" / "web_demo.py"),
+            "--model_name_or_path",
+            str(model_dir),
+            "--checkpoint",
+            str(checkpoint),
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
     )
 
     def stop():
@@ -95,8 +115,9 @@ def _browser():
     return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))  # explicit paths: no Selenium Manager
 
 
-def test_web_demo_chats_with_streamed_greedy_answers_and_history(request, tmp_path, demo_model_dir,
-                                                                  demo_ptuning_checkpoint):
+def test_web_demo_chats_with_streamed_greedy_answers_and_history(
+    request, tmp_path, demo_model_dir, demo_ptuning_checkpoint
+):
     driver = _browser()  # fails with the setup hint before starting anything when the extras are missing
     request.addfinalizer(driver.quit)
     from selenium.common.exceptions import TimeoutException
@@ -118,20 +139,23 @@ def test_web_demo_chats_with_streamed_greedy_answers_and_history(request, tmp_pa
     driver.get(url)
     wait = WebDriverWait(driver, 30)
     textbox = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#user_input textarea"))
-    assert float(driver.find_element(By.CSS_SELECTOR, "#max_new_tokens input[type=number]")
-                 .get_attribute("value")) == max_new_tokens
+    assert (
+        float(driver.find_element(By.CSS_SELECTOR, "#max_new_tokens input[type=number]").get_attribute("value"))
+        == max_new_tokens
+    )
     assert float(driver.find_element(By.CSS_SELECTOR, "#temperature input[type=number]").get_attribute("value")) == 0
 
     def texts(role):  # read in one script call: streamed updates re-render the messages under Selenium's feet
         return driver.execute_script(
             "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText)",
-            f'#chatbot [data-testid="{role}"]')
+            f'#chatbot [data-testid="{role}"]',
+        )
 
     for turn, (query, expected) in enumerate(zip(queries, expected_answers), start=1):
         textbox.send_keys(query)
         driver.find_element(By.ID, "submit_btn").click()
         try:  # streamed: wait for the whole answer, not only its first pieces
-            WebDriverWait(driver, 60).until(lambda d: texts("bot")[turn - 1:] == [expected])
+            WebDriverWait(driver, 60).until(lambda d: texts("bot")[turn - 1 :] == [expected])
         except TimeoutException:
             pass  # the assertions below say what differs
         bots = texts("bot")

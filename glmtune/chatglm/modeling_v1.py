@@ -130,8 +130,10 @@ def glm_attention_mask(input_ids, padding_mask, past_length: int, config: ChatGL
     if padding_mask is None:
         padding_mask = torch.ones(batch, total, dtype=torch.bool, device=input_ids.device)
     if padding_mask.shape[-1] != total:
-        raise ValueError(f"ChatGLM-6B: a 2-D attention_mask must cover all {total} tokens (cache + new), "
-                         f"got length {padding_mask.shape[-1]}")
+        raise ValueError(
+            f"ChatGLM-6B: a 2-D attention_mask must cover all {total} tokens (cache + new), "
+            f"got length {padding_mask.shape[-1]}"
+        )
     real = padding_mask.bool()
     sop = _first_index(input_ids == config.bos_token_id, default=-1)
     context = torch.where(sop >= 0, past_length + sop, total if past_length == 0 else past_length)
@@ -206,7 +208,9 @@ class ChatGLMAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        output, weights = attention(self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        output, weights = attention(
+            self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
+        )
         return self.dense(output.reshape(batch, length, -1)), weights
 
 
@@ -232,8 +236,9 @@ class GLMBlock(GradientCheckpointingLayer):
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None, **kwargs):
         # The residual is the *normalised* input, scaled by alpha (the original's DeepNorm-like block).
         attention_input = self.input_layernorm(hidden_states)
-        attention_output, _ = self.attention(attention_input, position_embeddings, attention_mask, past_key_values,
-                                             **kwargs)
+        attention_output, _ = self.attention(
+            attention_input, position_embeddings, attention_mask, past_key_values, **kwargs
+        )
         mlp_input = self.post_attention_layernorm(attention_input * RESIDUAL_ALPHA + attention_output)
         return mlp_input * RESIDUAL_ALPHA + self.mlp(mlp_input)
 
@@ -272,26 +277,44 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.word_embeddings = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
         inputs_embeds, past_key_values, past_length = embed_and_cache(
-            self, self.word_embeddings, input_ids, inputs_embeds, past_key_values, use_cache)
+            self, self.word_embeddings, input_ids, inputs_embeds, past_key_values, use_cache
+        )
         position_ids = self._position_ids(input_ids, attention_mask, position_ids, past_length)
         mask = self._attention_mask(input_ids, attention_mask, past_length, inputs_embeds.dtype)
         position_embeddings = rotary_tables(position_ids, self.inv_freq, inputs_embeds.dtype)
         hidden_states = inputs_embeds
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask=mask, position_embeddings=position_embeddings,
-                                  past_key_values=past_key_values, **kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=self.final_layernorm(hidden_states),
-                                       past_key_values=past_key_values if use_cache else None)
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.final_layernorm(hidden_states),
+            past_key_values=past_key_values if use_cache else None,
+        )
 
     def _position_ids(self, input_ids, attention_mask, position_ids, past_length):
         if position_ids is not None and position_ids.dim() == 3:
             return position_ids
         if past_length:
-            raise ValueError("ChatGLM-6B: continuing a KV cache needs position_ids of shape [batch, 2, new tokens] "
-                             "(they depend on the whole sequence's [gMASK]/<sop>; generate() passes them)")
+            raise ValueError(
+                "ChatGLM-6B: continuing a KV cache needs position_ids of shape [batch, 2, new tokens] "
+                "(they depend on the whole sequence's [gMASK]/<sop>; generate() passes them)"
+            )
         if input_ids is None:
             raise ValueError("ChatGLM-6B: with inputs_embeds, pass position_ids [batch, 2, length] and a 4-D mask")
         padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
@@ -333,11 +356,27 @@ class ChatGLMForCausalLM(ChatGLMPreTrainedModel, GenerationMixin):
     def set_decoder(self, decoder):
         self.transformer = decoder
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
-        outputs = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                                   use_cache=use_cache, **kwargs)
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(outputs.last_hidden_state[:, keep])
         loss = None
@@ -357,19 +396,21 @@ class ChatGLMForCausalLM(ChatGLMPreTrainedModel, GenerationMixin):
         positions = kwargs.get("position_ids")
         if positions is None or positions.dim() != 3:  # e.g. a collator's 1-D positions: derive v1's own
             mask = kwargs.get("attention_mask")
-            kwargs["position_ids"] = glm_position_ids(input_ids, mask if mask is not None and mask.dim() == 2 else None,
-                                                      self.config)
+            kwargs["position_ids"] = glm_position_ids(
+                input_ids, mask if mask is not None and mask.dim() == 2 else None, self.config
+            )
         return super().prepare_inputs_for_generation(input_ids, **kwargs)
 
-    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
-                                            num_new_tokens=1):
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
         positions = model_kwargs.get("position_ids")
         if positions is None or positions.dim() != 3:
-            return super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder,
-                                                               num_new_tokens)
+            return super()._update_model_kwargs_for_generation(
+                outputs, model_kwargs, is_encoder_decoder, num_new_tokens
+            )
         model_kwargs["position_ids"] = None
-        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder,
-                                                                   num_new_tokens)
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder, num_new_tokens
+        )
         last = positions[..., -1:]
         steps = torch.arange(1, num_new_tokens + 1, device=positions.device)
         new = torch.stack((last[:, 0].expand(-1, num_new_tokens), last[:, 1] + steps), dim=1)

@@ -125,7 +125,7 @@ class ChatGLM2RotaryEmbedding(nn.Module):
 
     def theta(self, device=None) -> torch.Tensor:
         exponents = torch.arange(0, self.dim, 2, dtype=torch.float, device=device) / self.dim
-        return 1.0 / (self.base ** exponents)
+        return 1.0 / (self.base**exponents)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, S]`` positions -> cos, sin ``[B, 1, S, dim/2]`` in float32, then cast (as the original's cache)."""
@@ -179,8 +179,9 @@ class ChatGLM2Attention(nn.Module):
         self.is_causal = True
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split_sizes = (q_size, kv_size, kv_size)
-        self.query_key_value = nn.Linear(config.hidden_size, q_size + 2 * kv_size,
-                                         bias=config.add_bias_linear or config.add_qkv_bias)
+        self.query_key_value = nn.Linear(
+            config.hidden_size, q_size + 2 * kv_size, bias=config.add_bias_linear or config.add_qkv_bias
+        )
         self.dense = nn.Linear(q_size, config.hidden_size, bias=config.add_bias_linear)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
@@ -194,10 +195,19 @@ class ChatGLM2Attention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
 
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                                    eager_attention_forward)
-        output, _ = attention(self, query, key, value, attention_mask, scaling=self.scaling,
-                              dropout=self.config.attention_dropout if self.training else 0.0, **kwargs)
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, _ = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            **kwargs,
+        )
         return self.dense(output.reshape(batch, length, -1))
 
 
@@ -292,15 +302,19 @@ def attention_bias(attention_mask, q_len: int, past_len: int, dtype: torch.dtype
     right-padded training batches; there only the never-read padding rows differ from the original.
     """
     if attention_mask is not None and attention_mask.ndim != 2:
-        raise ValueError(f"ChatGLM2: attention_mask must be 2-D [batch, keys] (1 = token), got {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"ChatGLM2: attention_mask must be 2-D [batch, keys] (1 = token), got {tuple(attention_mask.shape)}"
+        )
     if attention_mask is None or (q_len == 1 and bool(attention_mask.all())):
         return None if past_len == 0 or q_len == 1 else _bias(_causal(q_len, past_len, device)[None], dtype)
     if past_len == 0 and _padded_only_at_end(attention_mask):
         return None
     k_len = past_len + q_len
     if attention_mask.shape[-1] != k_len:
-        raise ValueError(f"ChatGLM2: attention_mask covers {attention_mask.shape[-1]} tokens, expected "
-                         f"{k_len} (cached {past_len} + current {q_len})")
+        raise ValueError(
+            f"ChatGLM2: attention_mask covers {attention_mask.shape[-1]} tokens, expected "
+            f"{k_len} (cached {past_len} + current {q_len})"
+        )
     real = attention_mask.to(device).bool()
     visible = _causal(q_len, past_len, device)[None] & real[:, None, :]
     if past_len == 0:
@@ -347,10 +361,19 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding):
         self.embedding.word_embeddings = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
         inputs_embeds, past_key_values, past_len = embed_and_cache(
-            self, self.embedding, input_ids, inputs_embeds, past_key_values, use_cache)
+            self, self.embedding, input_ids, inputs_embeds, past_key_values, use_cache
+        )
         batch, length = inputs_embeds.shape[:2]
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, batch, length, past_len, inputs_embeds.device)
@@ -359,11 +382,17 @@ class ChatGLM2Model(ChatGLM2PreTrainedModel):
 
         hidden_states = inputs_embeds
         for layer in self.encoder.layers:
-            hidden_states = layer(hidden_states, position_embeddings=position_embeddings, attention_mask=mask,
-                                  past_key_values=past_key_values, **kwargs)
+            hidden_states = layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=mask,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
         hidden_states = self.encoder.final_layernorm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states,
-                                       past_key_values=past_key_values if use_cache else None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+        )
 
 
 class ChatGLM2ForCausalLM(ChatGLM2PreTrainedModel, GenerationMixin):
@@ -390,13 +419,29 @@ class ChatGLM2ForCausalLM(ChatGLM2PreTrainedModel, GenerationMixin):
         self.transformer.output_layer = new_embeddings
 
     @can_return_tuple
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
         """``labels``: the loss is the shifted cross-entropy over targets other than -100, in float32 (the
         mean, as the original, or the sum over ``num_items_in_batch`` when the Trainer passes it)."""
-        outputs = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                                   use_cache=use_cache, **kwargs)
+        outputs = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.transformer.output_layer(outputs.last_hidden_state[:, keep])
         loss = None

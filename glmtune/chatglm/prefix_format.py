@@ -30,7 +30,7 @@ def read_original_prefix(checkpoint: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, pickle with code in it, not a torch file at all
         raise GlmtuneError(f"{path} is not a readable weights file: {error}") from None
-    weights = {key[len(KEY_PREFIX):]: value for key, value in state.items() if key.startswith(KEY_PREFIX)}
+    weights = {key[len(KEY_PREFIX) :]: value for key, value in state.items() if key.startswith(KEY_PREFIX)}
     if "embedding.weight" not in weights:
         raise GlmtuneError(f"{path} holds no {KEY_PREFIX}embedding.weight: not a P-Tuning v2 checkpoint")
     return weights

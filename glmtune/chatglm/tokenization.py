@@ -22,8 +22,15 @@ from glmtune.chatglm.tokenization_v1 import ChatGLMTokenizer
 from glmtune.chatglm.tokenization_v2 import ChatGLM2Tokenizer, ChatGLM3Tokenizer
 from glmtune.errors import GlmtuneError
 
-__all__ = ["ChatGLMTokenizer", "ChatGLM2Tokenizer", "ChatGLM3Tokenizer", "VERSION_KEY", "detect_version",
-           "is_chatglm_tokenizer_folder", "load_chatglm_tokenizer"]
+__all__ = [
+    "ChatGLMTokenizer",
+    "ChatGLM2Tokenizer",
+    "ChatGLM3Tokenizer",
+    "VERSION_KEY",
+    "detect_version",
+    "is_chatglm_tokenizer_folder",
+    "load_chatglm_tokenizer",
+]
 
 TOKENIZER_CLASSES = {"v1": ChatGLMTokenizer, "v2": ChatGLM2Tokenizer, "v3": ChatGLM3Tokenizer}
 _CLASS_NAMES = {"ChatGLMTokenizer", *(cls.__name__ for cls in TOKENIZER_CLASSES.values())}
@@ -72,8 +79,10 @@ def detect_version(path) -> str:
     for name in (str(n).lower() for n in names if n):
         if "chatglm3" in name or "chatglm2" in name:
             return "v3" if "chatglm3" in name else "v2"
-    raise GlmtuneError(f"{path}: cannot tell a ChatGLM2-6B tokenizer from a ChatGLM3-6B one (same tokenizer.model, "
-                       f"no name or code saying which); add \"{VERSION_KEY}\": \"v2\" or \"v3\" to its tokenizer_config.json")
+    raise GlmtuneError(
+        f"{path}: cannot tell a ChatGLM2-6B tokenizer from a ChatGLM3-6B one (same tokenizer.model, "
+        f'no name or code saying which); add "{VERSION_KEY}": "v2" or "v3" to its tokenizer_config.json'
+    )
 
 
 def _v3_variant(path: str) -> str:
@@ -94,7 +103,13 @@ def load_chatglm_tokenizer(path, version: str = None, **kwargs):
     cls = TOKENIZER_CLASSES[version]
     model_file = os.path.join(path, cls.vocab_files_names["vocab_file"])
     if not os.path.isfile(model_file):
-        raise GlmtuneError(f"{path}: a ChatGLM {version} tokenizer needs {cls.vocab_files_names['vocab_file']}, which is missing")
-    if version == "v3" and "v3_variant" not in kwargs and "v3_variant" not in _read_json(os.path.join(path, "tokenizer_config.json")):
+        raise GlmtuneError(
+            f"{path}: a ChatGLM {version} tokenizer needs {cls.vocab_files_names['vocab_file']}, which is missing"
+        )
+    if (
+        version == "v3"
+        and "v3_variant" not in kwargs
+        and "v3_variant" not in _read_json(os.path.join(path, "tokenizer_config.json"))
+    ):
         kwargs["v3_variant"] = _v3_variant(path)
     return cls.from_pretrained(path, **kwargs)

@@ -15,8 +15,19 @@ from glmtune.errors import GlmtuneError
 VERSION_KEY = "glmtune_chatglm_version"  # written by save_pretrained: the version, said explicitly
 V3_VARIANTS = ("2023-12", "2024-06")
 _CONFIG_ONLY_KEYS = ("tokenizer_class", "auto_map", VERSION_KEY)
-_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "trust_remote_code",
-               "use_fast", "subfolder", "proxies", "_from_auto", "_commit_hash")
+_HUB_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "token",
+    "revision",
+    "trust_remote_code",
+    "use_fast",
+    "subfolder",
+    "proxies",
+    "_from_auto",
+    "_commit_hash",
+)
 _VERY_LARGE = int(1e29)  # below transformers' "no limit" model_max_length: a real limit, worth saving
 
 
@@ -136,8 +147,14 @@ class _ChatGLMTokenizerBase(PreTrainedTokenizer):
         ids = {self._convert_token_to_id(token) for token in self._legacy_protected}
         return ids | {i for i, token in self._added_tokens_decoder.items() if token.special}
 
-    def _decode(self, token_ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces=None,
-                spaces_between_special_tokens: bool = True, **kwargs) -> str:
+    def _decode(
+        self,
+        token_ids,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces=None,
+        spaces_between_special_tokens: bool = True,
+        **kwargs,
+    ) -> str:
         """4.33's slow decode: pieces through SentencePiece in runs, tokens added past the vocabulary as
         themselves, joined by spaces."""
         ids = [token_ids] if isinstance(token_ids, int) else [int(i) for i in token_ids]
@@ -165,11 +182,19 @@ class _ChatGLMTokenizerBase(PreTrainedTokenizer):
             return super().get_special_tokens_mask(token_ids_0, token_ids_1, already_has_special_tokens=True)
         placeholder = -1  # no real id: whatever build_inputs adds around the placeholders is special
         built = self.build_inputs_with_special_tokens(
-            [placeholder] * len(token_ids_0), None if token_ids_1 is None else [placeholder] * len(token_ids_1))
+            [placeholder] * len(token_ids_0), None if token_ids_1 is None else [placeholder] * len(token_ids_1)
+        )
         return [0 if index == placeholder else 1 for index in built]
 
-    def _pad(self, encoded_inputs, max_length=None, padding_strategy=PaddingStrategy.DO_NOT_PAD,
-             pad_to_multiple_of=None, padding_side=None, return_attention_mask=None) -> dict:
+    def _pad(
+        self,
+        encoded_inputs,
+        max_length=None,
+        padding_strategy=PaddingStrategy.DO_NOT_PAD,
+        pad_to_multiple_of=None,
+        padding_side=None,
+        return_attention_mask=None,
+    ) -> dict:
         """Left padding only, as the originals (they assert it): their position ids count from the first real
         token. ``return_attention_mask`` is ignored, as they ignored it."""
         side = padding_side or self.padding_side
@@ -206,15 +231,21 @@ class _ChatGLMTokenizerBase(PreTrainedTokenizer):
         """The model file and a tokenizer_config.json naming the version, which ``load_chatglm_tokenizer`` and
         ``from_pretrained`` read back."""
         os.makedirs(save_directory, exist_ok=True)
-        config_file = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + "tokenizer_config.json")
+        config_file = os.path.join(
+            save_directory, (filename_prefix + "-" if filename_prefix else "") + "tokenizer_config.json"
+        )
         with open(config_file, "w", encoding="utf-8") as f:
             json.dump(self._config(), f, indent=2, ensure_ascii=False, sort_keys=True)
             f.write("\n")
         return (config_file, *self.save_vocabulary(save_directory, filename_prefix))
 
     def _config(self) -> dict:
-        config = {"tokenizer_class": type(self).__name__, VERSION_KEY: self.version, "padding_side": self.padding_side,
-                  "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces}
+        config = {
+            "tokenizer_class": type(self).__name__,
+            VERSION_KEY: self.version,
+            "padding_side": self.padding_side,
+            "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
+        }
         if self.model_max_length < _VERY_LARGE:
             config["model_max_length"] = self.model_max_length
         if self.chat_template is not None:
@@ -234,11 +265,15 @@ class _ChatGLMTokenizerBase(PreTrainedTokenizer):
         for key in _HUB_KWARGS:
             kwargs.pop(key, None)
         config = _read_json(os.path.join(path, "tokenizer_config.json"), strict=True)
-        added = {int(i): AddedToken(**{k: v for k, v in token.items() if k != "__type"})
-                 for i, token in config.pop("added_tokens_decoder", {}).items()}
+        added = {
+            int(i): AddedToken(**{k: v for k, v in token.items() if k != "__type"})
+            for i, token in config.pop("added_tokens_decoder", {}).items()
+        }
         config.pop("name_or_path", None)  # the hub name it was made from; this folder is what it is now
         model_file = os.path.join(path, cls.vocab_files_names["vocab_file"])
-        return cls(model_file, *init_inputs, **{**config, "added_tokens_decoder": added, "name_or_path": path, **kwargs})
+        return cls(
+            model_file, *init_inputs, **{**config, "added_tokens_decoder": added, "name_or_path": path, **kwargs}
+        )
 
 
 def _read_json(path: str, strict: bool = False) -> dict:

@@ -24,15 +24,35 @@ class ChatGLMTokenizer(_ChatGLMTokenizerBase):
     _legacy_protected = ("<sop>", "<eop>", "<unk>", "<pad>", "[MASK]")  # bos, eos, unk, pad, mask
     MAX_BLANK = 80  # the longest space run with its own <|blank_n|> piece
 
-    def __init__(self, vocab_file, do_lower_case=False, remove_space=False, bos_token="<sop>", eos_token="<eop>",
-                 end_token="</s>", mask_token="[MASK]", gmask_token="[gMASK]", pad_token="<pad>", unk_token="<unk>",
-                 num_image_tokens=0, clean_up_tokenization_spaces=True, **kwargs):
+    def __init__(
+        self,
+        vocab_file,
+        do_lower_case=False,
+        remove_space=False,
+        bos_token="<sop>",
+        eos_token="<eop>",
+        end_token="</s>",
+        mask_token="[MASK]",
+        gmask_token="[gMASK]",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        num_image_tokens=0,
+        clean_up_tokenization_spaces=True,
+        **kwargs,
+    ):
         self.do_lower_case, self.remove_space, self.num_image_tokens = do_lower_case, remove_space, num_image_tokens
         self.gmask_token, self.end_token = gmask_token, end_token
         self._legacy_protected = tuple(t for t in (bos_token, eos_token, unk_token, pad_token, mask_token) if t)
-        super().__init__(vocab_file, bos_token=bos_token, eos_token=eos_token, mask_token=mask_token,
-                         pad_token=pad_token, unk_token=unk_token,
-                         clean_up_tokenization_spaces=clean_up_tokenization_spaces, **kwargs)
+        super().__init__(
+            vocab_file,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            mask_token=mask_token,
+            pad_token=pad_token,
+            unk_token=unk_token,
+            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            **kwargs,
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -101,19 +121,31 @@ class ChatGLMTokenizer(_ChatGLMTokenizerBase):
             mask_id = self.mask_token_id if self.mask_token_id in ids else self.gmask_token_id
             if mask_id in ids:
                 positions[context:] = ids.index(mask_id)  # every token from <sop> on sits at the mask
-            blocks = np.concatenate([np.zeros(context, dtype=np.int64), np.arange(1, length - context + 1, dtype=np.int64)])
+            blocks = np.concatenate(
+                [np.zeros(context, dtype=np.int64), np.arange(1, length - context + 1, dtype=np.int64)]
+            )
             encoded["position_ids"] = np.stack([positions, blocks], axis=0)
 
     def _pad_left(self, encoded: dict, missing: int):
         if "attention_mask" in encoded:
-            encoded["attention_mask"] = np.pad(encoded["attention_mask"], [(0, 0), (missing, 0), (missing, 0)],
-                                               mode="constant", constant_values=True)
+            encoded["attention_mask"] = np.pad(
+                encoded["attention_mask"], [(0, 0), (missing, 0), (missing, 0)], mode="constant", constant_values=True
+            )
         if "position_ids" in encoded:
             encoded["position_ids"] = np.pad(encoded["position_ids"], [(0, 0), (missing, 0)])
         super()._pad_left(encoded, missing)
 
     def _config(self) -> dict:
-        return {**super()._config(), "do_lower_case": self.do_lower_case, "remove_space": self.remove_space,
-                "bos_token": self.bos_token, "eos_token": self.eos_token, "end_token": self.end_token,
-                "mask_token": self.mask_token, "gmask_token": self.gmask_token, "pad_token": self.pad_token,
-                "unk_token": self.unk_token, "num_image_tokens": self.num_image_tokens}
+        return {
+            **super()._config(),
+            "do_lower_case": self.do_lower_case,
+            "remove_space": self.remove_space,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "end_token": self.end_token,
+            "mask_token": self.mask_token,
+            "gmask_token": self.gmask_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+            "num_image_tokens": self.num_image_tokens,
+        }

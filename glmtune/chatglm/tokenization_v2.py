@@ -31,8 +31,12 @@ class ChatGLM2Tokenizer(_ChatGLMTokenizerBase):
         """The special tokens take the ids after the SentencePiece pieces, in order."""
         self.special_token_ids = {token: self._pieces + i for i, token in enumerate(self._special_tokens())}
         self._special_names = {i: token for token, i in self.special_token_ids.items()}
-        self._commands = {"<bos>": self.sp.bos_id(), "<eos>": self.sp.eos_id(), "<pad>": self.sp.unk_id(),
-                          **self.special_token_ids}
+        self._commands = {
+            "<bos>": self.sp.bos_id(),
+            "<eos>": self.sp.eos_id(),
+            "<pad>": self.sp.unk_id(),
+            **self.special_token_ids,
+        }
         self._blank_ids = {self.sp.eos_id(), self.sp.bos_id(), self.sp.unk_id(), *self._special_names}
 
     def _special_tokens(self) -> tuple:
@@ -123,8 +127,12 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
             return self.sp.EncodeAsPieces(text)
         names = self.ROLE_TOKENS if self.v3_variant == "2023-12" else self._special_tokens()
         parts = re.split("(" + "|".join(re.escape(name) for name in names) + ")", text)
-        return [piece for i, part in enumerate(parts) if part
-                for piece in ([part] if i % 2 else self.sp.EncodeAsPieces(part))]
+        return [
+            piece
+            for i, part in enumerate(parts)
+            if part
+            for piece in ([part] if i % 2 else self.sp.EncodeAsPieces(part))
+        ]
 
     def build_single_message(self, role: str, metadata: str, message: str) -> list:
         """``<|role|>`` + ``metadata\\n`` + message, each text encoded alone by SentencePiece."""

@@ -56,18 +56,41 @@ def run_row(name: str, args, resume_from: Path | None = None) -> dict:
     method, config, bits, flags, unchecked = ROWS[name.removesuffix("-resume")]
     out = Path(args.out) / name
     shutil.rmtree(out, ignore_errors=True)
-    flags = [*flags, "--max_train_samples", str(args.samples), "--logging_steps", "1", "--report_to", "none",
-             "--skip_memory_metrics", "False", "--max_predict_samples", "8", "--max_new_tokens", "8"]
+    flags = [
+        *flags,
+        "--max_train_samples",
+        str(args.samples),
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--skip_memory_metrics",
+        "False",
+        "--max_predict_samples",
+        "8",
+        "--max_new_tokens",
+        "8",
+    ]
     if "--do_predict" in flags:
         flags += ["--test_file", "data/adgen-toy/dev.json"]
     if resume_from is not None:
         out.mkdir(parents=True)
         shutil.copytree(resume_from, out / resume_from.name)
         flags += ["--resume_from_checkpoint", "last"]
-    env = {**os.environ, "MODEL": args.model, "OUTPUT_DIR": str(out), "NUM_GPUS": str(args.nproc),
-           "DEEPSPEED": str(CONFIGS / f"{config}.json") if config else "", "QUANTIZATION_BIT": str(bits or ""),
-           "BATCH_SIZE": "4", "MAX_STEPS": str(args.steps), "SAVE_STEPS": str(args.steps // 2),
-           "MAX_SOURCE_LENGTH": "32", "MAX_TARGET_LENGTH": "16", "LORA_DROPOUT": "0"}
+    env = {
+        **os.environ,
+        "MODEL": args.model,
+        "OUTPUT_DIR": str(out),
+        "NUM_GPUS": str(args.nproc),
+        "DEEPSPEED": str(CONFIGS / f"{config}.json") if config else "",
+        "QUANTIZATION_BIT": str(bits or ""),
+        "BATCH_SIZE": "4",
+        "MAX_STEPS": str(args.steps),
+        "SAVE_STEPS": str(args.steps // 2),
+        "MAX_SOURCE_LENGTH": "32",
+        "MAX_TARGET_LENGTH": "16",
+        "LORA_DROPOUT": "0",
+    }
     command = ["bash", f"{method}/train.sh", *flags] + (["--prefix_dropout", "0"] if method == "ptuning" else [])
     if unchecked:  # the same run through a main.py that skips the DeepSpeed check
         Path(args.out, "unchecked_main.py").write_text(UNCHECKED_MAIN)
@@ -78,7 +101,10 @@ def run_row(name: str, args, resume_from: Path | None = None) -> dict:
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
         status, log = ("ok" if result.returncode == 0 else f"exit {result.returncode}"), result.stdout + result.stderr
     except subprocess.TimeoutExpired as error:
-        status, log = "timeout", (error.stdout or b"").decode(errors="replace") + (error.stderr or b"").decode(errors="replace")
+        status, log = (
+            "timeout",
+            (error.stdout or b"").decode(errors="replace") + (error.stderr or b"").decode(errors="replace"),
+        )
     row = {"row": name, "status": status, "seconds": round(time.time() - start), **_results(out)}
     if status != "ok":
         row["error"] = _error_lines(log)
@@ -87,15 +113,46 @@ def run_row(name: str, args, resume_from: Path | None = None) -> dict:
 
 def _unchecked_command(method, env, flags, main_py) -> list:
     """What train.sh would start, with the unchecked main (the script's flags rebuilt from its variables)."""
-    script_flags = ["--do_train", "--model_name_or_path", env["MODEL"], "--train_file", "data/adgen-toy/train.json",
-                    "--max_source_length", "32", "--max_target_length", "16", "--per_device_train_batch_size", "4",
-                    "--max_steps", env["MAX_STEPS"], "--save_steps", env["SAVE_STEPS"], "--output_dir", env["OUTPUT_DIR"],
-                    "--overwrite_output_dir", "--deepspeed", env["DEEPSPEED"]]
+    script_flags = [
+        "--do_train",
+        "--model_name_or_path",
+        env["MODEL"],
+        "--train_file",
+        "data/adgen-toy/train.json",
+        "--max_source_length",
+        "32",
+        "--max_target_length",
+        "16",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_steps",
+        env["MAX_STEPS"],
+        "--save_steps",
+        env["SAVE_STEPS"],
+        "--output_dir",
+        env["OUTPUT_DIR"],
+        "--overwrite_output_dir",
+        "--deepspeed",
+        env["DEEPSPEED"],
+    ]
     script_flags += ["--quantization_bit", env["QUANTIZATION_BIT"]] if env["QUANTIZATION_BIT"] else []
-    script_flags += (["--pre_seq_len", "32", "--learning_rate", "2e-2", "--prefix_dropout", "0"] if method == "ptuning"
-                     else ["--learning_rate", "5e-3", "--lora_dropout", "0"])
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", env["NUM_GPUS"],
-            str(main_py), method, *script_flags, *flags]
+    script_flags += (
+        ["--pre_seq_len", "32", "--learning_rate", "2e-2", "--prefix_dropout", "0"]
+        if method == "ptuning"
+        else ["--learning_rate", "5e-3", "--lora_dropout", "0"]
+    )
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        env["NUM_GPUS"],
+        str(main_py),
+        method,
+        *script_flags,
+        *flags,
+    ]
 
 
 def _results(out: Path) -> dict:
@@ -104,10 +161,20 @@ def _results(out: Path) -> dict:
         return {}
     history = json.loads(state.read_text())["log_history"]
     train = json.loads((out / "train_results.json").read_text())
-    peak = sum(train.get(key, 0) for key in ("before_init_mem_gpu", "init_mem_gpu_alloc_delta",
-                                            "train_mem_gpu_alloc_delta", "train_mem_gpu_peaked_delta"))
-    results = {"losses": [round(entry["loss"], 4) for entry in history if "loss" in entry],
-               "peak_gib": round(peak / 2**30, 3), "files": sorted(p.name for p in out.iterdir())}
+    peak = sum(
+        train.get(key, 0)
+        for key in (
+            "before_init_mem_gpu",
+            "init_mem_gpu_alloc_delta",
+            "train_mem_gpu_alloc_delta",
+            "train_mem_gpu_peaked_delta",
+        )
+    )
+    results = {
+        "losses": [round(entry["loss"], 4) for entry in history if "loss" in entry],
+        "peak_gib": round(peak / 2**30, 3),
+        "files": sorted(p.name for p in out.iterdir()),
+    }
     predictions = out / "generated_predictions.txt"
     if predictions.is_file():
         results["predictions"] = len(predictions.read_text(encoding="utf-8").splitlines())
@@ -141,7 +208,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", default="models/tiny-glm")
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names; add NAME-resume to resume NAME")
+    parser.add_argument(
+        "--rows", default=",".join(ROWS), help="comma-separated row names; add NAME-resume to resume NAME"
+    )
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--samples", type=int, default=64)
@@ -154,15 +223,19 @@ def main() -> None:
     with ThreadPoolExecutor(args.parallel) as pool:
         rows = list(pool.map(lambda name: run_row(name, args), first))
     with ThreadPoolExecutor(args.parallel) as pool:  # then the resumed runs, from their base rows' checkpoints
-        rows += list(pool.map(lambda name: resume_row(name, args), [name for name in names if name.endswith("-resume")]))
+        rows += list(
+            pool.map(lambda name: resume_row(name, args), [name for name in names if name.endswith("-resume")])
+        )
     with open(Path(args.out) / "rows.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     print("| row | status | s | peak GiB (rank 0) | losses | resumed: max abs diff |")
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['row']} | {row['status']} | {row['seconds']} | {row.get('peak_gib', '')} | {row.get('losses', '')} "
-              f"| {row.get('max_abs_diff_vs_uninterrupted', '')} |")
+        print(
+            f"| {row['row']} | {row['status']} | {row['seconds']} | {row.get('peak_gib', '')} | {row.get('losses', '')} "
+            f"| {row.get('max_abs_diff_vs_uninterrupted', '')} |"
+        )
     for row in rows:
         if "error" in row:
             print(f"\n{row['row']}:\n  " + "\n  ".join(row["error"]))
