@@ -3,18 +3,14 @@
 Usage: python evaluate/score.py PATH [--output scores.json]
 """
 
+import argparse
+import json
+import os
 import sys
-from pathlib import Path
+import tempfile
 
-# Lets `python evaluate/score.py` import glmtune from this checkout without a pip install.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import tempfile  # noqa: E402
-
-from glmtune.metrics import METRIC_KEYS, score_file  # noqa: E402
+from glmtune.errors import GlmtuneError, exit_with
+from glmtune.metrics import METRIC_KEYS, score_file
 
 
 def format_table(scores: dict) -> str:
@@ -49,20 +45,14 @@ def main(argv=None) -> int:
     try:
         scores = score_file(args.path)
     except (OSError, ValueError) as exc:
-        return fail(str(exc))
+        exit_with(exc)
     print(format_table(scores))
     if args.output:
         try:
             write_json_atomic(args.output, scores)
         except OSError as exc:
-            return fail(f"cannot write {args.output}: {exc.strerror or exc}")
+            exit_with(GlmtuneError(f"cannot write {args.output}: {exc.strerror or exc}"))
     return 0
-
-
-def fail(message: str) -> int:
-    """Report a user-facing error in one line (no traceback); exit status 2."""
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

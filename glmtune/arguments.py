@@ -6,9 +6,10 @@ than one field live in :mod:`glmtune.parsing`.
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 IGNORE_INDEX = -100  # label value that the cross-entropy loss skips (prompt and padding positions)
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # --torch_dtype
+DEFAULT_MAX_SOURCE_LENGTH = 1024  # the ChatGLM scripts' default; the serving tools use it too
 
 
 @dataclass
@@ -16,7 +17,7 @@ class ModelArguments:
     model_name_or_path: str = field(
         metadata={"help": "Local folder of the base model (config.json + weights + tokenizer files)."}
     )
-    quantization_bit: Optional[int] = field(
+    quantization_bit: int | None = field(
         default=None,
         metadata={"help": "Quantize the frozen base to 4 (NF4) or 8 bits with bitsandbytes. Needs a CUDA GPU."},
     )
@@ -35,16 +36,16 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    train_file: Optional[str] = field(default=None, metadata={"help": "Training data: JSON lines or a JSON array."})
-    validation_file: Optional[str] = field(
+    train_file: str | None = field(default=None, metadata={"help": "Training data: JSON lines or a JSON array."})
+    validation_file: str | None = field(
         default=None, metadata={"help": "Evaluation data for --do_eval (same format as --train_file)."}
     )
-    test_file: Optional[str] = field(
+    test_file: str | None = field(
         default=None, metadata={"help": "Prediction data for --do_predict (same format as --train_file)."}
     )
     prompt_column: str = field(default="content", metadata={"help": "Field holding the user's query."})
     response_column: str = field(default="summary", metadata={"help": "Field holding the expected answer."})
-    history_column: Optional[str] = field(
+    history_column: str | None = field(
         default=None,
         metadata={"help": "Optional field holding earlier rounds as a list of [query, answer] pairs."},
     )
@@ -54,22 +55,26 @@ class DataArguments:
         metadata={
             "help": "How a query (and history) becomes the prompt: auto (an original ChatGLM/ChatGLM2/ChatGLM3 "
             "tokenizer's own format; else the tokenizer's chat template if it has one; else chatglm2), chat_template, "
-            "chatglm3 (role tokens: '[gMASK]sop<|user|>\\n…<|assistant|>'), chatglm2 ('[Round 1]\\n\\n问：…\\n\\n答：'), "
-            "chatglm (ChatGLM-6B: raw query, or '[Round 0]\\n问：…\\n答：' rounds with history) or raw (the query alone)."
+            "chatglm3 (role tokens: '[gMASK]sop<|user|>\\n…<|assistant|>'), "
+            "chatglm2 ('[Round 1]\\n\\n问：…\\n\\n答：'), "
+            "chatglm (ChatGLM-6B: raw query, or '[Round 0]\\n问：…\\n答：' rounds with history) "
+            "or raw (the query alone)."
         },
     )
-    max_source_length: int = field(default=1024, metadata={"help": "Prompt tokens kept per sample."})
+    max_source_length: int = field(
+        default=DEFAULT_MAX_SOURCE_LENGTH, metadata={"help": "Prompt tokens kept per sample."}
+    )
     max_target_length: int = field(default=128, metadata={"help": "Answer tokens kept per training sample."})
-    val_max_target_length: Optional[int] = field(
+    val_max_target_length: int | None = field(
         default=None,
         metadata={
             "help": "Answer tokens kept as evaluation labels, and new tokens generated. Default: max_target_length."
         },
     )
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N training rows."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
-    max_predict_samples: Optional[int] = field(default=None, metadata={"help": "Use only the first N test rows."})
-    preprocessing_num_workers: Optional[int] = field(
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test rows."})
+    preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes used to tokenize the data (datasets.map num_proc)."}
     )
     overwrite_cache: bool = field(
@@ -83,37 +88,37 @@ class DataArguments:
 
 @dataclass
 class PtuningArguments:
-    pre_seq_len: Optional[int] = field(
+    pre_seq_len: int | None = field(
         default=None, metadata={"help": "P-Tuning v2: number of trainable prefix key/value positions per layer."}
     )
     prefix_projection: bool = field(
         default=False,
         metadata={"help": "P-Tuning v2: produce the prefixes through a two-layer MLP instead of a plain embedding."},
     )
-    prefix_hidden_size: Optional[int] = field(
+    prefix_hidden_size: int | None = field(
         default=None, metadata={"help": "P-Tuning v2: width of that MLP. Default: the model's hidden size."}
     )
     prefix_dropout: float = field(
         default=0.1, metadata={"help": "P-Tuning v2: dropout on the prefixes while training (ChatGLM uses 0.1)."}
     )
-    ptuning_checkpoint: Optional[str] = field(
+    ptuning_checkpoint: str | None = field(
         default=None, metadata={"help": "P-Tuning v2: a checkpoint folder to load the prefix encoder from."}
     )
 
 
 @dataclass
 class LoraArguments:
-    lora_rank: Optional[int] = field(default=None, metadata={"help": "LoRA: rank r (default 8)."})
-    lora_alpha: Optional[float] = field(default=None, metadata={"help": "LoRA: scaling alpha (default 32)."})
-    lora_dropout: Optional[float] = field(default=None, metadata={"help": "LoRA: dropout (default 0.1)."})
-    lora_target: Optional[str] = field(
+    lora_rank: int | None = field(default=None, metadata={"help": "LoRA: rank r (default 8)."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA: scaling alpha (default 32)."})
+    lora_dropout: float | None = field(default=None, metadata={"help": "LoRA: dropout (default 0.1)."})
+    lora_target: str | None = field(
         default=None,
         metadata={
             "help": "LoRA: comma-separated module names to adapt, or 'all' (default) for every linear layer "
             "of the decoder except the output head."
         },
     )
-    lora_checkpoint: Optional[str] = field(
+    lora_checkpoint: str | None = field(
         default=None, metadata={"help": "LoRA: an adapter folder (PEFT format) to load and evaluate."}
     )
 
@@ -123,7 +128,7 @@ LORA_DEFAULTS = {"lora_rank": 8, "lora_alpha": 32.0, "lora_dropout": 0.1, "lora_
 
 @dataclass
 class GenerationArguments:
-    max_new_tokens: Optional[int] = field(
+    max_new_tokens: int | None = field(
         default=None, metadata={"help": "Tokens generated per sample. Default: val_max_target_length."}
     )
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy/beam decoding."})
@@ -150,16 +155,17 @@ class RunArguments:
         default=False,
         metadata={"help": "Allow training into an --output_dir that already holds checkpoints of another run."},
     )
-    compile_layers: Optional[bool] = field(
+    compile_layers: bool | None = field(
         default=None,
         metadata={
             "help": "The fast training path: torch.compile each decoder layer (dynamic shapes), flash attention for "
-            "right-padded batches also under LoRA, and LoRA's low-rank branch in the base dtype (glmtune/fast_lora.py): "
+            "right-padded batches also under LoRA, and LoRA's low-rank branch in the base dtype "
+            "(glmtune/speed/fast_lora.py): "
             "1.4-1.9x faster steps on an H100 after about a minute of compilation. Default: on when training a "
             "bf16/fp16 base on a CUDA GPU; off on CPU and for 4/8-bit bases (not measured there yet)."
         },
     )
-    padding_free: Optional[bool] = field(
+    padding_free: bool | None = field(
         default=None,
         metadata={
             "help": "Training batches without padding: a batch's samples back to back in one row, each token attending "
@@ -173,6 +179,7 @@ class RunArguments:
         default=True,
         metadata={
             "help": "Compute logits and loss only at answer tokens, in chunks, so full-vocabulary float32 logits "
-            "never exist (same value as transformers' loss, less memory). --target_token_loss False: transformers' loss."
+            "never exist (same value as transformers' loss, less memory). "
+            "--target_token_loss False: transformers' loss."
         },
     )

@@ -2,9 +2,8 @@
 one clear ``error:`` line per problem and exit status 2 (no traceback)."""
 
 import logging
-import sys
 
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, exit_with
 
 
 def main(method: str, argv=None) -> dict:
@@ -15,9 +14,7 @@ def main(method: str, argv=None) -> dict:
     try:
         return run(parse_args(method, argv))
     except GlmtuneError as error:
-        for line in str(error).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(error)
     finally:
         _leave_process_group()
 

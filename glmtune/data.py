@@ -158,47 +158,28 @@ def _fingerprint(gen_kwargs: dict, stat) -> str:
 # ----------------------------------------------------------------------------- tokenizing
 
 
-class Encoder:
-    """prompt/response/history -> input_ids/labels (+ truncation flags), for ``datasets.map``."""
+class PromptEncoder:
+    """query + history -> the prompt's token ids, as training built them (template, special tokens, truncation).
 
-    def __init__(
-        self, tokenizer, prompt_format: PromptFormat, max_source_length: int, max_target_length: int, train: bool
-    ):
+    Used for training and evaluation samples (:class:`Encoder`) and by the tools that serve a model."""
+
+    def __init__(self, tokenizer, prompt_format: PromptFormat, max_source_length: int):
         self.tokenizer = tokenizer
         self.format = prompt_format
         self.max_source_length = max_source_length
-        self.max_target_length = max_target_length
-        self.train = train
         self.frame = special_token_frame(tokenizer) if prompt_format.framed else ([], [])
 
-    def __call__(self, batch: dict) -> dict:
-        out = {"input_ids": [], "labels": [], "source_truncated": [], "target_truncated": []}
-        for prompt, response, history in zip(batch["prompt"], batch["response"], batch["history"]):
-            prompt_ids, source_cut = self.encode_prompt(prompt, history)
-            answer_ids = self.encode_segments(self.format.answer_segments(response))
-            target_cut = len(answer_ids) > self.max_target_length
-            answer_ids = answer_ids[: self.max_target_length]
-            if self.train:
-                answer_ids = answer_ids + [self.tokenizer.eos_token_id]
-                out["input_ids"].append(prompt_ids + answer_ids)
-                out["labels"].append([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
-            else:
-                out["input_ids"].append(prompt_ids)
-                out["labels"].append(answer_ids)
-            out["source_truncated"].append(source_cut)
-            out["target_truncated"].append(target_cut)
-        return out
-
-    def prompt_ids(self, prompt: str, history) -> list:
+    def full_ids(self, query: str, history) -> list:
         """The whole prompt's ids, untruncated."""
         before, after = self.frame
-        return before + self.encode_segments(self.format.segments(prompt, history)) + after
+        return before + self.encode_segments(self.format.segments(query, history)) + after
 
-    def encode_prompt(self, prompt: str, history) -> tuple[list, bool]:
-        """The prompt's ids within max_source_length: the head is kept, and so is the cue after the query
-        (and the tokenizer's special tokens around the prompt), so the model still knows an answer follows."""
+    def encode(self, query: str, history) -> tuple[list, bool]:
+        """The prompt's ids within max_source_length, and whether it was cut: the head is kept, and so is the
+        cue after the query (and the tokenizer's special tokens around the prompt), so the model still knows
+        an answer follows."""
         before, after = self.frame
-        body = self.encode_segments(self.format.segments(prompt, history))
+        body = self.encode_segments(self.format.segments(query, history))
         budget = self.max_source_length - len(before) - len(after)
         if len(body) <= budget:
             return before + body + after, False
@@ -215,6 +196,34 @@ class Encoder:
             elif segment:
                 ids += self.tokenizer.encode(segment, add_special_tokens=False)
         return ids
+
+
+class Encoder:
+    """prompt/response/history -> input_ids/labels (+ truncation flags), for ``datasets.map``."""
+
+    def __init__(self, prompt_encoder: PromptEncoder, max_target_length: int, train: bool):
+        self.prompts = prompt_encoder
+        self.max_target_length = max_target_length
+        self.train = train
+
+    def __call__(self, batch: dict) -> dict:
+        out = {"input_ids": [], "labels": [], "source_truncated": [], "target_truncated": []}
+        eos = self.prompts.tokenizer.eos_token_id
+        for prompt, response, history in zip(batch["prompt"], batch["response"], batch["history"]):
+            prompt_ids, source_cut = self.prompts.encode(prompt, history)
+            answer_ids = self.prompts.encode_segments(self.prompts.format.answer_segments(response))
+            target_cut = len(answer_ids) > self.max_target_length
+            answer_ids = answer_ids[: self.max_target_length]
+            if self.train:
+                answer_ids = answer_ids + [eos]
+                out["input_ids"].append(prompt_ids + answer_ids)
+                out["labels"].append([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
+            else:
+                out["input_ids"].append(prompt_ids)
+                out["labels"].append(answer_ids)
+            out["source_truncated"].append(source_cut)
+            out["target_truncated"].append(target_cut)
+        return out
 
 
 def special_token_frame(tokenizer) -> tuple[list, list]:
@@ -241,7 +250,7 @@ def tokenize(dataset, tokenizer, prompt_format, data_args: DataArguments, split:
         if len(dataset) == 0:
             raise DataError(f"{data_args.train_file}: every row has an empty prompt or response")
     target_length = data_args.max_target_length if train else data_args.val_max_target_length
-    encoder = Encoder(tokenizer, prompt_format, data_args.max_source_length, target_length, train)
+    encoder = Encoder(PromptEncoder(tokenizer, prompt_format, data_args.max_source_length), target_length, train)
     dataset = dataset.map(
         encoder,
         batched=True,

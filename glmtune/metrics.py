@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jieba
 import numpy as np
@@ -75,7 +76,7 @@ def score_corpus(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
         raise ValueError(f"{len(predictions)} predictions but {len(labels)} labels")
     if not predictions:
         raise ValueError("no samples to score")
-    per_sample = [score_pair(p, l) for p, l in zip(predictions, labels)]
+    per_sample = [score_pair(prediction, label) for prediction, label in zip(predictions, labels)]
     return {key: float(np.mean([s[key] for s in per_sample])) for key in METRIC_KEYS}
 
 
@@ -96,18 +97,6 @@ def decode_texts(tokenizer: Any, ids: Iterable[Iterable[int]]) -> list[str]:
         rows.append(np.where(row < 0, pad_id, row).tolist())
     texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
     return [text.strip() for text in texts]
-
-
-def blank_stop_tokens(ids, eos_token_id, pad_token_id):
-    """Generated ids with every stop token (``generate()``'s eos id or ids) replaced by padding.
-
-    Why: tokenizers do not all drop every stop token when decoding with ``skip_special_tokens`` (ChatGLM3's
-    keeps ``<|user|>`` as text, as the original did), and a stop token is never part of the answer.
-    """
-    import torch
-
-    stops = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], device=ids.device)
-    return ids.masked_fill(torch.isin(ids, stops), pad_token_id)
 
 
 class ComputeMetrics:

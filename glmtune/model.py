@@ -1,4 +1,5 @@
-"""Tokenizer and frozen base model: dtype policy, quantization, device. Nothing method-specific."""
+"""Tokenizer and frozen base model: dtype policy, quantization, device. Nothing method-specific, and nothing of
+the fast path (``glmtune.speed``)."""
 
 import logging
 
@@ -108,22 +109,3 @@ def load_base_model(model_args: ModelArguments):
 def base_causal_lm(model):
     """The transformers model inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def compile_decoder_layers(model) -> None:
-    """The fast training path: glmtune's attention, LoRA in the base dtype, each decoder layer compiled.
-
-    * glmtune's attention function (``glmtune.attention``; P-Tuning v2 has it already) gives right-padded
-      training batches no mask, so attention runs the flash kernel instead of a masked one;
-    * LoRA branches compute in the base's dtype inside one ``addmm`` (``glmtune.fast_lora``);
-    * ``torch.compile`` with dynamic shapes on every decoder layer: the layers share their code, so it
-      compiles once (about a minute) and serves every layer and batch length; it fuses the element-wise
-      work around the matrix products (norms, rotary, activation) that eager runs as separate kernels.
-    """
-    from glmtune.attention import use_glmtune_attention
-    from glmtune.fast_lora import lora_in_base_dtype
-
-    use_glmtune_attention(model)
-    lora_in_base_dtype(model)
-    for layer in base_causal_lm(model).get_decoder().layers:
-        layer.compile(dynamic=True)

@@ -5,6 +5,7 @@ user fixing a script sees the whole list instead of one error per run.
 """
 
 import glob
+import json
 import os
 import sys
 import typing
@@ -13,6 +14,7 @@ from dataclasses import dataclass, fields
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 from glmtune.arguments import (
+    DTYPES,
     LORA_DEFAULTS,
     DataArguments,
     GenerationArguments,
@@ -22,11 +24,10 @@ from glmtune.arguments import (
     RunArguments,
 )
 from glmtune.errors import ArgumentsError
+from glmtune.prompt import TEMPLATES
 
 METHODS = ("ptuning", "lora")
 DATA_EXTENSIONS = (".json", ".jsonl")
-TEMPLATES = ("auto", "chat_template", "chatglm3", "chatglm2", "chatglm", "raw")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 ARGUMENT_CLASSES = (
     ModelArguments,
     DataArguments,
@@ -51,12 +52,11 @@ class RunConfig:
 
 
 def parse_args(method: str, args=None) -> RunConfig:
-    """Parse argv, a single .json path, or a dict; validate; fill method defaults."""
+    """Parse argv, a single .json path, or a dict; validate; fill method defaults. Touches no environment."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     args = sys.argv[1:] if args is None else args
-    _use_cpu_without_gpu()  # before TrainingArguments, which set up the processes while being parsed
     try:
         return _parse(method, parser, args)
     except ArgumentsError:
@@ -71,15 +71,18 @@ def parse_args(method: str, args=None) -> RunConfig:
 def _parse(method: str, parser, args) -> RunConfig:
     try:
         if isinstance(args, dict):
-            parsed = parser.parse_dict(args)
+            parsed = parser.parse_dict(_on_cpu_without_gpu(args))
         elif len(args) == 1 and args[0].endswith(".json"):
-            parsed = parser.parse_json_file(os.path.abspath(args[0]))
+            with open(os.path.abspath(args[0]), encoding="utf-8") as f:
+                parsed = parser.parse_dict(_on_cpu_without_gpu(json.load(f)))
         else:
-            parsed = parser.parse_args_into_dataclasses(args)
+            parsed = parser.parse_args_into_dataclasses(_on_cpu_without_gpu(list(args)))
     except ValueError as error:  # TrainingArguments' own checks, unknown keys in a dict/json
         raise ArgumentsError([str(error)]) from None
     except FileNotFoundError:
         raise ArgumentsError([f"{args[0]}: no such argument file"]) from None
+    except json.JSONDecodeError as error:
+        raise ArgumentsError([f"{args[0]}:{error.lineno}: invalid JSON ({error.msg})"]) from None
     except ImportError:  # TrainingArguments load DeepSpeed as soon as --deepspeed is given
         raise ArgumentsError(
             ["--deepspeed needs DeepSpeed, which is not installed: pip install -r requirements-deepspeed.txt"]
@@ -280,14 +283,20 @@ def _resume_problems(config: RunConfig) -> list[str]:
     return []
 
 
-def _use_cpu_without_gpu() -> None:
-    """No CUDA here: tell accelerate that its processes are CPU processes (torchrun's are joined over gloo).
+def _on_cpu_without_gpu(args):
+    """No CUDA here: the run's processes are CPU processes (``--use_cpu``; torchrun's are joined over gloo),
+    unless the arguments say otherwise.
 
     Why: otherwise accelerate ignores torchrun's LOCAL_RANK on a machine without a GPU (each process would
     train alone on all the data, all writing into one --output_dir), and --deepspeed hangs setting up.
+    TrainingArguments set up the processes while they are built, so this goes into the arguments themselves.
     """
-    if not _cuda_available():
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    if _cuda_available():
+        return args
+    if isinstance(args, dict):
+        return {"use_cpu": True, **args}
+    given = any(arg == "--use_cpu" or arg.startswith("--use_cpu=") for arg in args)
+    return args if given else ["--use_cpu", *args]
 
 
 def zero_stage(training) -> int | None:
@@ -303,7 +312,8 @@ def _distributed_problems(config: RunConfig) -> list[str]:
     training, problems = config.training, []
     if training.n_gpu > 1:  # one process that sees several GPUs: transformers would wrap it in DataParallel
         problems.append(
-            f"{training.n_gpu} GPUs are visible to one process, which would drive them with DataParallel (uneven memory, "
+            f"{training.n_gpu} GPUs are visible to one process, which would drive them with DataParallel "
+            "(uneven memory, "
             "and glmtune's loss and prefix hooks do not support it): start one process per GPU with "
             f"NUM_GPUS={training.n_gpu} (torchrun), or choose one GPU with CUDA_VISIBLE_DEVICES=0"
         )
@@ -317,14 +327,16 @@ def _distributed_problems(config: RunConfig) -> list[str]:
         ]
     if config.run.compile_layers and stage == 3:
         problems.append(
-            f"--compile_layers cannot be combined with DeepSpeed ZeRO-3 (--deepspeed {_name(training.deepspeed)}): compiled "
+            f"--compile_layers cannot be combined with DeepSpeed ZeRO-3 (--deepspeed {_name(training.deepspeed)}): "
+            "compiled "
             "layers see ZeRO-3's partitioned (empty) weights, LoRA fails to compile and P-Tuning v2 drifts from the "
             "uncompiled loss; remove the flag (ZeRO-3 runs uncompiled by default) or use a ZeRO-2 config"
         )
     if bits and stage == 3:
         problems.append(
-            f"--quantization_bit {bits} cannot be combined with DeepSpeed ZeRO-3 (--deepspeed {_name(training.deepspeed)}): "
-            "transformers loads a bitsandbytes base onto one GPU (device_map), which ZeRO-3 refuses since it partitions "
+            f"--quantization_bit {bits} cannot be combined with DeepSpeed ZeRO-3 "
+            f"(--deepspeed {_name(training.deepspeed)}): transformers loads a bitsandbytes base onto one GPU "
+            "(device_map), which ZeRO-3 refuses since it partitions "
             "the base; use a ZeRO-2 config, or plain data parallelism (NUM_GPUS without DEEPSPEED)"
         )
     return problems
@@ -341,8 +353,6 @@ def _cuda_available() -> bool:
 
 
 def _fill_defaults(config: RunConfig) -> None:
-    import torch
-
     data, training = config.data, config.training
     if data.val_max_target_length is None:
         data.val_max_target_length = data.max_target_length
@@ -363,16 +373,9 @@ def _fill_defaults(config: RunConfig) -> None:
     if config.run.padding_free is None and not (
         training.do_train and _cuda_available() and config.model.torch_dtype != "float32"
     ):
-        config.run.padding_free = False  # otherwise decided with the model loaded (glmtune.workflow.padding_free)
-    if _cuda_available() and training.dataloader_pin_memory:
-        # accelerate copies each batch to the GPU with non_blocking=False by default: a stream sync per tensor,
-        # which drained the GPU's queue before every step's forward. From pinned memory the copy can be async.
-        training.accelerator_config.non_blocking = True
+        config.run.padding_free = False  # otherwise decided with the model loaded (glmtune.speed.prepare)
     if not _cuda_available():
         training.dataloader_pin_memory = False  # pinning only helps copies to a GPU (and warns without one)
-        # accelerate calls a CPU process's device 'cpu:0', which torch.load cannot map a checkpoint to: resuming
-        # several CPU processes failed. The plain CPU device is the same memory (cached_property: set its value).
-        training.__dict__["_setup_devices"] = torch.device("cpu")
     if training.ddp_find_unused_parameters is None:  # both methods use every trainable weight in each step
         training.ddp_find_unused_parameters = False
     training.remove_unused_columns = False  # our collators build exactly the model's inputs

@@ -21,8 +21,9 @@ Text formats are one segment, framed by the tokenizer's own special tokens (e.g.
 ``[gMASK] sop``, ChatGLM-6B's trailing ``[gMASK] <sop>``); ``chatglm3`` and chat templates write their own.
 """
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
+TEMPLATES = ("auto", "chat_template", "chatglm3", "chatglm2", "chatglm", "raw")  # --prompt_template
 History = Sequence[Sequence[str]]
 _SENTINEL = "\ue000"  # a private-use character no template contains; marks where the query sits
 
@@ -46,11 +47,11 @@ class PromptFormat:
         formats that write their own)."""
         return self.template not in ("chat_template", "chatglm3")
 
-    def render(self, query: str, history: Optional[History] = None) -> str:
+    def render(self, query: str, history: History | None = None) -> str:
         """The full prompt as text (special tokens by name), for display and logs."""
         return "".join(self.segments(query, history))
 
-    def segments(self, query: str, history: Optional[History] = None) -> list:
+    def segments(self, query: str, history: History | None = None) -> list:
         """The prompt for ``query`` after the earlier ``history`` rounds, as text and :class:`Special` segments."""
         history = list(history or [])
         if self.template == "chat_template":
@@ -59,7 +60,7 @@ class PromptFormat:
             return chatglm3_segments(self.source_prefix + query, history)
         return [self.source_prefix + _PLAIN_FORMATS[self.template](query, history)]
 
-    def tail(self, history: Optional[History] = None) -> list:
+    def tail(self, history: History | None = None) -> list:
         """The segments after the query (e.g. '\\n\\n答：', or <|assistant|>): truncation keeps them so the
         model still sees the cue."""
         segments = self.segments(_SENTINEL, history)

@@ -1,14 +1,21 @@
-"""A narrow Seq2SeqTrainer subclass: save/load only the trained weights, generate for evaluation.
+"""A narrow Seq2SeqTrainer subclass: save and load only the trained weights, atomic checkpoints, generation.
 
 Checkpoints (``checkpoint-N/`` and the final output folder):
 
-* P-Tuning v2: ``prefix_encoder.safetensors`` + ``prefix_config.json`` (pre_seq_len, projection, shape);
+* P-Tuning v2: ``prefix_encoder.safetensors`` + ``prefix_config.json`` (:func:`glmtune.ptuning.save_checkpoint`);
 * LoRA: PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` (``PeftModel.from_pretrained`` loads it);
 * both: tokenizer files, ``training_args.bin``, and in step checkpoints the optimizer, scheduler, RNG and
   ``trainer_state.json`` that ``--resume_from_checkpoint`` needs.
+
+Private Trainer methods overridden here, each for the reason on its line; tests/test_trainer_hooks.py fails
+if transformers stops calling them the way relied on:
+
+* ``_save_checkpoint`` / ``_get_output_dir``: a step checkpoint appears complete or not at all;
+* ``_load_from_checkpoint`` / ``_load_best_model``: Trainer knows only full models and PEFT adapters, not a prefix.
 """
 
 import contextlib
+import functools
 import glob
 import json
 import os
@@ -17,82 +24,24 @@ import shutil
 import torch
 from transformers import Seq2SeqTrainer
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from glmtune.adapters import is_prefix_tuned, load_prefix_weights, save_prefix_checkpoint
-from glmtune.loss import TargetTokenLoss
-from glmtune.metrics import blank_stop_tokens, decode_texts
-from glmtune.model import base_causal_lm
+from glmtune import ptuning
+from glmtune.generation import blank_stop_tokens
+from glmtune.metrics import decode_texts
 
 PREDICTIONS_FILE = "generated_predictions.txt"
 
 
 class GlmtuneTrainer(Seq2SeqTrainer):
-    def __init__(
-        self, *args, eval_collator=None, generate_kwargs: dict | None = None, target_token_loss=True, **kwargs
-    ):
+    def __init__(self, *args, eval_collator=None, generate_kwargs: dict | None = None, **kwargs):
+        allow_quantized_base(kwargs.get("model"))
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator or self.data_collator
         self.generate_kwargs = generate_kwargs or {}
-        causal_lm = base_causal_lm(self.model)
-        # ZeRO-3 gathers a weight only inside its module's forward; the target-token loss reads the output
-        # head's weight after the model's forward, so under ZeRO-3 transformers' own loss is used.
-        zero3 = is_deepspeed_zero3_enabled()
-        use_target_loss = target_token_loss and TargetTokenLoss.supports(causal_lm) and not zero3
-        self.target_loss = TargetTokenLoss(causal_lm) if use_target_loss else None
-        if zero3 and is_prefix_tuned(self.model):
-            _gather_prefix_embedding_in_forward(self.model.prefix_encoder)
-        # Trainer applies --logging_nan_inf_filter with bool(torch.isnan(loss)): a host sync after every
-        # backward that idled the GPU for the host's whole optimizer-step and next-batch work (~10 ms a step
-        # on an H100). training_step applies the same filter on the device instead.
-        self.filter_nan_inf_losses, self.args.logging_nan_inf_filter = self.args.logging_nan_inf_filter, False
-
-    # ------------------------------------------------------------------ host work per step
-    # On a GPU the host must queue each step faster than the GPU runs it (LoRA's steps on an H100 were
-    # host-bound: the GPU idled a third of each profiled step). Trainer walks every submodule or parameter
-    # several times a step; with LoRA on every linear layer of a 28-layer model that is ~2,000 modules and
-    # ~650 parameters per walk.
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        with _train_mode_kept(model):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.filter_nan_inf_losses:  # a nan/inf step counts as the average of the steps logged so far (as Trainer)
-            steps_since_log = 1 + self.state.global_step - self._globalstep_last_logged
-            loss = torch.where(torch.isfinite(loss), loss, self._tr_loss / steps_since_log)
-        return loss
-
-    def floating_point_ops(self, inputs) -> int:
-        """Trainer's count (6 x tokens x non-embedding parameters), with the parameters counted once, not every step."""
-        if getattr(self, "_non_embedding_parameters", None) is None:
-            self._non_embedding_parameters = self.model.num_parameters(exclude_embeddings=True)
-        return 6 * inputs["input_ids"].numel() * self._non_embedding_parameters
-
-    def _clip_grad_norm(self, model):
-        """Clip over the trained parameters only (the frozen base has no gradients: the same norm)."""
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return super()._clip_grad_norm(model)
-        if getattr(self, "_trained_parameters", None) is None:
-            self._trained_parameters = [p for p in model.parameters() if p.requires_grad]
-        return self.accelerator.clip_grad_norm_(self._trained_parameters, self.args.max_grad_norm)
-
-    # ------------------------------------------------------------------ loss
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Training steps use the target-token loss (glmtune.loss); evaluation keeps transformers' own."""
-        inputs = dict(inputs)
-        target_index = inputs.pop("target_index", None)  # from the training collators (glmtune.data.target_index)
-        if return_outputs or self.target_loss is None or not model.training:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs.pop("labels")
-        with self.target_loss.capture():
-            model(
-                **inputs, logits_to_keep=1, use_cache=False
-            )  # logits for one position only: the head runs in the loss
-        loss = self.target_loss(labels, num_items_in_batch, target_index)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # num_items_in_batch counts every process's targets
-        return loss
+        if self.args.device.type == "cpu" and self.args.device.index is not None:
+            _load_cpu_indexed_storage()
 
     # Generation needs left padding, training right padding: evaluation batches use their own collator.
     def get_eval_dataloader(self, eval_dataset=None):
@@ -113,27 +62,19 @@ class GlmtuneTrainer(Seq2SeqTrainer):
 
     # ------------------------------------------------------------------ saving and loading
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        model = self.accelerator.unwrap_model(self.model)
-        if not is_prefix_tuned(model):
-            return super()._save(output_dir, state_dict)  # PEFT's save_pretrained writes the adapter only
-        output_dir = output_dir or self.args.output_dir
-        save_prefix_checkpoint(model, output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """P-Tuning v2: only the prefix encoder (Trainer would save the whole base); LoRA: Trainer's own save,
+        which for a PEFT model writes the adapter only."""
         model = self.accelerator.unwrap_model(self.model)
-        if not (self.is_deepspeed_enabled and is_prefix_tuned(model)):
+        if not ptuning.is_prefix_tuned(model):
             return super().save_model(output_dir, _internal_call)
-        # Trainer would gather the whole model's state dict under DeepSpeed (all of the frozen base, to keep
-        # a prefix of a few MB); ZeRO-3 partitions the prefix encoder too, so gather only its weights.
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.prefix_encoder.parameters())):
+        output_dir = output_dir or self.args.output_dir
+        with _gathered(model.prefix_encoder, self.is_deepspeed_enabled):
             if self.args.should_save:
-                self._save(output_dir)
+                ptuning.save_checkpoint(model, output_dir)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(output_dir)
+                torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _save_checkpoint(self, model, trial) -> None:
         # Why: a run killed mid-save left a partial checkpoint-N, and --resume_from_checkpoint last
@@ -168,22 +109,23 @@ class GlmtuneTrainer(Seq2SeqTrainer):
         self.accelerator.wait_for_everyone()  # every rank sees checkpoint-N, not tmp-checkpoint-N
 
     def _get_output_dir(self, trial) -> str:
+        # The folder Trainer._save_checkpoint writes checkpoint-N into: staging while _save_checkpoint runs.
         staging = getattr(self, "_staging_dir", None)
         return staging if staging is not None else super()._get_output_dir(trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        model = model or self.model
-        if is_prefix_tuned(self.accelerator.unwrap_model(model)):
-            load_prefix_weights(self.accelerator.unwrap_model(model), resume_from_checkpoint)
-        else:
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # Resuming: Trainer would look for a full model or a PEFT adapter; a P-Tuning checkpoint holds a prefix.
+        unwrapped = self.accelerator.unwrap_model(model or self.model)
+        if not ptuning.is_prefix_tuned(unwrapped):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        ptuning.load_weights(unwrapped, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
+        # --load_best_model_at_end: the same, for the best checkpoint.
         model = self.accelerator.unwrap_model(self.model)
-        if is_prefix_tuned(model):
-            load_prefix_weights(model, self.state.best_model_checkpoint)
-        else:
-            super()._load_best_model()
+        if not ptuning.is_prefix_tuned(model):
+            return super()._load_best_model()
+        ptuning.load_weights(model, self.state.best_model_checkpoint)
 
     # ------------------------------------------------------------------ generation
 
@@ -226,20 +168,43 @@ class GlmtuneTrainer(Seq2SeqTrainer):
         return path
 
 
+def allow_quantized_base(model) -> None:
+    """Trainer refuses a quantized base that carries no PEFT adapter ("purely quantized models" cannot be
+    fine-tuned); ours carries a prefix encoder (or nothing, when the base alone is evaluated), whose weights
+    are float32 and trainable. The flag Trainer reads is private (``_hf_peft_config_loaded``), and
+    tests/test_trainer_hooks.py checks that it still is the one."""
+    if getattr(model, "is_quantized", False) and not hasattr(model, "peft_config"):
+        model._hf_peft_config_loaded = True
+
+
 @contextlib.contextmanager
-def _train_mode_kept(model):
-    """Trainer.training_step calls ``model.train()`` every step, a walk that sets ``training`` on every
-    submodule through ``nn.Module.__setattr__`` (slow Python). When every submodule is in training mode
-    already, reading the flags is enough. All of them, not the top one: a PEFT wrapper is created in
-    training mode around a base that from_pretrained left in eval mode."""
-    if not all(module.training for module in model.modules()):
+def _gathered(module, deepspeed_enabled: bool):
+    """Under DeepSpeed (ZeRO-3 partitions the prefix encoder too) the module's full weights, on every rank.
+    Trainer would gather the whole model's state dict instead: all of the frozen base, to keep a few MB."""
+    if not deepspeed_enabled:
         yield
         return
-    model.train = lambda mode=True: model if mode else type(model).train(model, mode)
-    try:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
         yield
-    finally:
-        del model.train
+
+
+@functools.cache  # once per process
+def _load_cpu_indexed_storage() -> None:
+    """accelerate names the device of each CPU process of a torchrun run ``cpu:N``, and Trainer resumes the
+    optimizer with ``torch.load(map_location=args.device)``, which knows only ``cpu``: resuming several CPU
+    processes failed. torch's public deserializer registry learns that ``cpu:N`` is the CPU."""
+
+    def tagger(storage):  # tags nothing: saving is unchanged
+        return None
+
+    def deserializer(storage, location: str):
+        if location.startswith("cpu:") and location[4:].isdigit():
+            return storage.cpu()
+        return None
+
+    torch.serialization.register_package(5, tagger, deserializer)
 
 
 def _publish(complete: str, final: str) -> None:
@@ -247,11 +212,3 @@ def _publish(complete: str, final: str) -> None:
     if os.path.isdir(final):  # the same step saved again (resumed from an older checkpoint)
         shutil.rmtree(final)
     os.replace(complete, final)
-
-
-def _gather_prefix_embedding_in_forward(encoder) -> None:
-    """ZeRO-3 partitions every weight and gathers a module's own weights for its forward; the prefix
-    encoder reads its embedding's weight without calling the embedding, so it must gather that one too."""
-    import deepspeed
-
-    deepspeed.zero.register_external_parameter(encoder, encoder.embedding.weight)

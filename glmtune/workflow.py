@@ -10,14 +10,15 @@ import os
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from glmtune.adapters import add_lora, add_prefix_encoder, allow_trainer_on_quantized
-from glmtune.attention import supports_padding_free, use_glmtune_attention
+from glmtune import speed
 from glmtune.data import Collator, PaddingFreeCollator, load_split, tokenize
 from glmtune.errors import GlmtuneError
+from glmtune.lora import add_lora
 from glmtune.metrics import ComputeMetrics
-from glmtune.model import base_causal_lm, compile_decoder_layers, load_base_model, load_tokenizer
+from glmtune.model import load_base_model, load_tokenizer
 from glmtune.parsing import RunConfig
 from glmtune.prompt import PromptFormat
+from glmtune.ptuning import add_prefix_encoder
 from glmtune.trainer import GlmtuneTrainer
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,7 @@ def run(config: RunConfig) -> dict:
     prompt_format = PromptFormat(config.data.prompt_template, tokenizer, config.data.source_prefix)
     datasets = prepare_datasets(config, tokenizer, prompt_format)
     model = attach_method(config, load_base_model(config.model))
-    config.run.padding_free = padding_free(config, model)
-    if config.run.compile_layers:
-        compile_decoder_layers(model)
+    speed.prepare(config, model)
     trainer = build_trainer(config, model, tokenizer, datasets, prompt_format)
     results = {}
     if training.do_train:
@@ -78,33 +77,19 @@ def _log_example(tokenizer, example: dict) -> None:
 def attach_method(config: RunConfig, model):
     if not config.training.do_train and not (config.ptuning.ptuning_checkpoint or config.lora.lora_checkpoint):
         logger.warning("No checkpoint given: evaluating the base model alone (the 'before' of a comparison)")
-        allow_trainer_on_quantized(model)
         return model
     if config.method == "ptuning":
-        return add_prefix_encoder(model, config.ptuning)
-    return add_lora(model, config.lora)
+        model = add_prefix_encoder(model, config.ptuning)
+    else:
+        model = add_lora(model, config.lora)
+    log_trainable(model)
+    return model
 
 
-def padding_free(config: RunConfig, model) -> bool:
-    """--padding_free as given or by default (glmtune.parsing leaves ``None`` where it applies), checked
-    against the model; when on, the model runs glmtune's attention, which keeps the samples apart."""
-    causal_lm = base_causal_lm(model)
-    supported = supports_padding_free(causal_lm)
-    wanted = config.run.padding_free
-    if wanted and not supported:
-        raise GlmtuneError(
-            f"--padding_free: {type(causal_lm).__name__} does not pass the sample boundaries to its "
-            "attention (it derives positions or masks its own way); use --padding_free False"
-        )
-    if wanted is None:
-        wanted = supported
-        logger.info(
-            "Padding-free training batches: %s",
-            "on" if wanted else f"off ({type(causal_lm).__name__} does not support them)",
-        )
-    if wanted:
-        use_glmtune_attention(model)
-    return wanted
+def log_trainable(model) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("Trainable parameters: %s of %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
 
 def build_trainer(config: RunConfig, model, tokenizer, datasets: dict, prompt_format: PromptFormat) -> GlmtuneTrainer:
@@ -112,7 +97,7 @@ def build_trainer(config: RunConfig, model, tokenizer, datasets: dict, prompt_fo
     generating = training.predict_with_generate
     generate_kwargs = config.generation.to_generate_kwargs(config.data.val_max_target_length)
     generate_kwargs.update(prompt_format.generation_ids(), use_cache=True)
-    return GlmtuneTrainer(
+    return speed.FastStepTrainer(
         model=model,
         args=training,
         train_dataset=datasets.get("train"),

@@ -6,12 +6,7 @@
 Every flag: python lora/main.py --help (documented in glmtune/arguments.py).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, no install
-
-from glmtune.cli import main  # noqa: E402
+from glmtune.cli import main
 
 if __name__ == "__main__":
     main("lora")

@@ -14,6 +14,7 @@ OUTPUT=${OUTPUT:-$CHECKPOINT-merged}                        # written as $OUTPUT
 MAX_SHARD_SIZE=${MAX_SHARD_SIZE:-2GB}                       # largest *.safetensors file
 
 bash scripts/ensure_model.sh "$MODEL"
+source scripts/common.sh
 ${PYTHON:-python3} scripts/merge_lora.py \
     --model_name_or_path "$MODEL" \
     --checkpoint "$CHECKPOINT" \

@@ -15,6 +15,7 @@ PORT=${PORT:-8000}
 PYTHON=${PYTHON:-python3}
 
 bash scripts/ensure_model.sh "$MODEL"
+source scripts/common.sh
 extra=()
 [ -n "$CHECKPOINT" ] && extra+=(--checkpoint "$CHECKPOINT")
 [ -n "$QUANTIZATION_BIT" ] && extra+=(--quantization_bit "$QUANTIZATION_BIT")

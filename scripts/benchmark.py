@@ -3,7 +3,7 @@
     python scripts/benchmark.py                 # ChatGLM3-6B-shaped GLM, random weights, all rows (H200: 7 min)
     python scripts/benchmark.py --rows train    # or: eval, or a comma list of row names (see ROWS)
     python scripts/benchmark.py --tiny          # a 2-layer model, to check the script itself (CPU works)
-    python scripts/benchmark.py --rows pt-bf16-throughput --batches 8,16 --profile out/   # micro-batch search, kernel table
+    python scripts/benchmark.py --rows pt-bf16-throughput --batches 8,16 --profile out/   # batch search, kernels
 
 Both sides run the same model folder, the same synthetic samples and the same step counts, in one
 process, one row after another. glmtune's side is its real code path with train.sh's defaults on a GPU
@@ -24,23 +24,21 @@ import json
 import math
 import os
 import random
-import sys
 import time
 import traceback
 from dataclasses import dataclass
 
 import torch
+from transformers import GlmConfig, GlmForCausalLM, Seq2SeqTrainingArguments, Trainer, TrainerCallback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, no install
-
-from transformers import GlmConfig, GlmForCausalLM, Seq2SeqTrainingArguments, Trainer, TrainerCallback  # noqa: E402
-
-from glmtune.adapters import add_lora, add_prefix_encoder  # noqa: E402
-from glmtune.arguments import LoraArguments, ModelArguments, PtuningArguments  # noqa: E402
-from glmtune.attention import use_glmtune_attention  # noqa: E402
-from glmtune.data import Collator, PaddingFreeCollator  # noqa: E402
-from glmtune.model import compile_decoder_layers, load_base_model, quantization_config  # noqa: E402
-from glmtune.trainer import GlmtuneTrainer  # noqa: E402
+from glmtune.arguments import LoraArguments, ModelArguments, PtuningArguments
+from glmtune.data import Collator, PaddingFreeCollator
+from glmtune.lora import add_lora
+from glmtune.model import load_base_model, quantization_config
+from glmtune.ptuning import add_prefix_encoder
+from glmtune.speed import FastStepTrainer, compile_decoder_layers
+from glmtune.speed.attention import use_fast_attention
+from glmtune.trainer import GlmtuneTrainer
 
 PEAK_FLOPS = 800e12
 CHATGLM3_6B = dict(
@@ -215,7 +213,8 @@ def write_profile(profiler, wall_s: float, folder: str, name: str) -> None:
         families[family] = families.get(family, 0.0) + _device_us(e)
     busy = sum(families.values()) / 1e6
     lines = [
-        f"{name}: {PROFILED_STEPS} steps, wall {wall_s:.3f} s, GPU kernels {busy:.3f} s ({100 * busy / wall_s:.0f}% busy)"
+        f"{name}: {PROFILED_STEPS} steps, wall {wall_s:.3f} s, "
+        f"GPU kernels {busy:.3f} s ({100 * busy / wall_s:.0f}% busy)"
     ]
     lines += [
         f"  {family:<28} {us / 1e3:9.1f} ms  {100 * us / 1e6 / busy:5.1f}%"
@@ -253,14 +252,16 @@ def idle_report(events, largest: int = 12) -> list:
     span = end - kernels[0][0]
     idle = sum(g[0] for g in gaps)
     lines = [
-        f"GPU idle between its first and last kernel: {idle / 1e3:.1f} of {span / 1e3:.1f} ms ({100 * idle / span:.0f}%); "
+        f"GPU idle between its first and last kernel: {idle / 1e3:.1f} of {span / 1e3:.1f} ms "
+        f"({100 * idle / span:.0f}%); "
         f"gaps > 0.1 ms: {sum(1 for g in gaps if g[0] > 100)}, {sum(g[0] for g in gaps if g[0] > 100) / 1e3:.1f} ms"
     ]
     host = [e for e in events if not _on_gpu(e)]
     for length, at, before, after in sorted(gaps, reverse=True)[:largest]:
         running = [e.name for e in host if e.time_range.start <= at + length / 2 <= e.time_range.end][:5]
         lines.append(
-            f"  gap {length / 1e3:7.2f} ms after {before[:50]!r} before {after[:50]!r}; host in: {' > '.join(running)[:160]}"
+            f"  gap {length / 1e3:7.2f} ms after {before[:50]!r} before {after[:50]!r}; "
+            f"host in: {' > '.join(running)[:160]}"
         )
     syncs = {}
     for e in host:
@@ -389,14 +390,14 @@ def run_glmtune(folder, row, method, bits, setting, args) -> Result:
         model = add_prefix_encoder(model, PtuningArguments(pre_seq_len=PRE_SEQ_LEN, prefix_dropout=0.0))
     else:
         model = add_lora(model, LoraArguments(lora_rank=8, lora_alpha=32, lora_dropout=0.0, lora_target="all"))
-    if args.padding_free:  # as train.sh on a CUDA GPU (glmtune.workflow.padding_free)
-        use_glmtune_attention(model)
+    if args.padding_free:  # as train.sh on a CUDA GPU (glmtune.speed.prepare)
+        use_fast_attention(model)
     if compiled(args, bits):
         compile_decoder_layers(model)
     steps = total_steps(args, "glmtune")
     samples = synthetic_samples(sample_count(args, setting), setting, model.config.vocab_size)
     collator = PaddingFreeCollator() if args.padding_free else Collator(0, "right", with_target_index=True)
-    trainer = GlmtuneTrainer(
+    trainer = FastStepTrainer(
         model=model,
         args=training_args(args.scratch, setting, steps, args.warmup + args.steps, True),
         train_dataset=samples,
@@ -520,7 +521,8 @@ def print_table(results: list) -> None:
     naive = {(r.row, r.shape): r for r in results if r.impl == "naive"}
     single = next((r for r in results if r.impl == "one at a time"), None)
     print(
-        "\n| row | impl | precision | batch x len | tokens/s | samples/s | peak GiB | MFU | vs naive (speed, memory) | mean loss |"
+        "\n| row | impl | precision | batch x len | tokens/s | samples/s | peak GiB | MFU "
+        "| vs naive (speed, memory) | mean loss |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -543,7 +545,8 @@ def main() -> None:
     parser.add_argument(
         "--rows",
         default="all",
-        help="all, train, eval, or a comma list of row names (ROWS, and generate: the evaluation rows), run in that order",
+        help="all, train, eval, or a comma list of row names (ROWS, and generate: the evaluation rows), "
+        "run in that order",
     )
     parser.add_argument("--impl", default="glmtune,naive", help="which implementations to run")
     parser.add_argument(

@@ -10,6 +10,7 @@ MODEL=${MODEL:-models/tiny-glm}              # local model folder; models/tiny-g
 CHECKPOINT=${CHECKPOINT:-}                    # P-Tuning v2 folder or LoRA adapter; empty: the base alone
 
 bash scripts/ensure_model.sh "$MODEL"
+source scripts/common.sh
 extra=()
 [ -n "$CHECKPOINT" ] && extra+=(--checkpoint "$CHECKPOINT")
 ${PYTHON:-python3} scripts/cli_demo.py --model_name_or_path "$MODEL" "${extra[@]}" "$@"

@@ -162,7 +162,6 @@ def run_uninterrupted(method: str, model_dir, output_dir, seed: int = 7) -> None
     """The reference run, in this process (no second import of torch): the same flags and thread count."""
     import torch
 
-    sys.path.insert(0, str(REPO))
     from glmtune.cli import main
 
     torch.set_num_threads(THREADS)
@@ -201,8 +200,7 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir = args.model_name_or_path
     if model_dir is None:
-        sys.path.insert(0, str(REPO))
-        from glmtune import tiny
+        import build_tiny_model as tiny  # beside this script
 
         model_dir = str(workdir / "tiny-glm")
         tiny.build(str(TOY_TRAIN), model_dir, steps=0, num_hidden_layers=2)

@@ -7,6 +7,7 @@
 #   NNODES=M: N processes on each of M machines; run the script on every one with its NODE_RANK (0..M-1) and
 #     node 0's address and a free port there (MASTER_ADDR, MASTER_PORT). OUTPUT_DIR must be shared storage.
 #   DEEPSPEED=scripts/deepspeed/zero3.json: HF Trainer's DeepSpeed integration with that config (CUDA GPUs).
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 NUM_GPUS=${NUM_GPUS:-1}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}

@@ -11,45 +11,28 @@ never a half-written folder. Only LoRA merges: a P-Tuning v2 prefix is extra key
 change of weights.
 """
 
-import argparse
-import inspect
 import logging
 import os
-import shutil
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, no install
-
-from glmtune.errors import GlmtuneError  # noqa: E402
+from glmtune.errors import GlmtuneError, exit_with
+from glmtune.serve import options
 
 logger = logging.getLogger("merge_lora")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_name_or_path", default="models/tiny-glm", help="the base the adapter was trained on")
-    parser.add_argument("--checkpoint", required=True, help="the LoRA adapter folder (adapter_config.json)")
-    parser.add_argument("--output", default=None, help="merged model folder (default: CHECKPOINT-merged)")
-    parser.add_argument(
-        "--torch_dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="dtype of the base during the merge and of the saved weights (bfloat16: half the size)",
-    )
-    parser.add_argument("--max_shard_size", default="2GB", help="largest *.safetensors file, e.g. 2GB, 500MB")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT folder")
-    parser.add_argument("--trust_remote_code", action="store_true", help="for bases that ship their own model code")
-    parser.add_argument(
-        "--quantization_bit",
-        type=int,
-        default=None,
-        help="refused: the merge needs the full-precision base; quantize the merged model at load time",
-    )
+    parser = options.parser(__doc__.split("\n\n")[0], prompts=False)
+    # The merge needs the full-precision base: float32 unless asked otherwise, and --quantization_bit is refused.
+    parser.set_defaults(torch_dtype="float32")
+    merge = parser.add_argument_group("merge")
+    merge.add_argument("--output", default=None, help="merged model folder (default: CHECKPOINT-merged)")
+    merge.add_argument("--max_shard_size", default="2GB", help="largest *.safetensors file, e.g. 2GB, 500MB")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT folder")
     return parser.parse_args(argv)
 
 
 def check_args(args) -> None:
-    from glmtune.inference import checkpoint_method
+    from glmtune.serve.tuned import checkpoint_method
 
     if args.quantization_bit:
         raise GlmtuneError(
@@ -58,8 +41,13 @@ def check_args(args) -> None:
             "or bfloat16), merged and saved; quantize the merged model when you load it (--quantization_bit 4 in "
             "the other scripts). An adapter trained on a 4-bit base merges into the bf16/fp32 base just the same."
         )
-    if not os.path.isfile(os.path.join(args.model_name_or_path, "config.json")):
-        raise GlmtuneError(f"--model_name_or_path {args.model_name_or_path}: not a model folder (no config.json)")
+    if args.torch_dtype == "auto":
+        raise GlmtuneError("--torch_dtype auto: choose the dtype of the merged weights: float32, bfloat16 or float16")
+    if not args.checkpoint:
+        raise GlmtuneError("--checkpoint is required: the LoRA adapter folder (adapter_config.json) to merge")
+    found = options.problems(args)
+    if found:
+        raise GlmtuneError("\n".join(found))
     method = checkpoint_method(args.checkpoint)
     if method == "ptuning":
         raise GlmtuneError(
@@ -88,9 +76,9 @@ def check_args(args) -> None:
 
 
 def merge(args) -> str:
-    """Load, merge, save to OUTPUT.partial, rename; returns OUTPUT."""
-    from glmtune.adapters import add_lora
+    """Load base + adapter, merge, save (atomically: glmtune.lora.merge_and_save); returns OUTPUT."""
     from glmtune.arguments import LoraArguments, ModelArguments
+    from glmtune.lora import add_lora, merge_and_save
     from glmtune.model import load_base_model, load_plain_tokenizer
 
     model_args = ModelArguments(
@@ -104,27 +92,9 @@ def merge(args) -> str:
         raise GlmtuneError(
             f"--model_name_or_path {args.model_name_or_path}: cannot load its tokenizer: {error}"
         ) from None
-    base = load_base_model(model_args)
-    model = add_lora(base, LoraArguments(lora_checkpoint=args.checkpoint))
+    model = add_lora(load_base_model(model_args), LoraArguments(lora_checkpoint=args.checkpoint))
     logger.info("Merging %s into %s (%s)", args.checkpoint, args.model_name_or_path, args.torch_dtype)
-    merged = model.merge_and_unload()
-    merged.config.use_cache = True  # the loader turns it off for training; a saved model should generate normally
-
-    partial = args.output.rstrip("/\\") + ".partial"
-    if os.path.exists(partial):
-        shutil.rmtree(partial)  # left over by an interrupted merge
-    save_kwargs = {"max_shard_size": args.max_shard_size}
-    if "safe_serialization" in inspect.signature(merged.save_pretrained).parameters:
-        save_kwargs["safe_serialization"] = True  # transformers 4; transformers 5 always writes safetensors
-    merged.save_pretrained(partial, **save_kwargs)
-    tokenizer.save_pretrained(partial)
-    if getattr(merged, "generation_config", None) is not None and not os.path.isfile(
-        os.path.join(partial, "generation_config.json")
-    ):
-        merged.generation_config.save_pretrained(partial)
-    if os.path.exists(args.output):  # --overwrite, checked before
-        shutil.rmtree(args.output)
-    os.rename(partial, args.output)
+    merge_and_save(model, tokenizer, args.output, args.max_shard_size)
     return args.output
 
 
@@ -135,9 +105,7 @@ def main(argv=None) -> None:
         check_args(args)
         output = merge(args)
     except GlmtuneError as error:
-        for line in str(error).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(error)
     shards = sorted(name for name in os.listdir(output) if name.endswith(".safetensors"))
     size = sum(os.path.getsize(os.path.join(output, name)) for name in shards)
     print(

@@ -11,6 +11,7 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
     pip_install "torch==2.13.0"
 fi
 pip_install -r requirements-dev.txt
+pip_install --no-deps --no-build-isolation -e .  # glmtune itself, from this checkout (editable)
 if command -v nvidia-smi >/dev/null 2>&1; then
     pip_install -r requirements-gpu.txt  # bitsandbytes, for QUANTIZATION_BIT=4/8
 fi

@@ -1,7 +1,8 @@
 """Chat with a tuned model in the browser (Gradio), in the spirit of ChatGLM-6B's web_demo.py.
 
     bash scripts/web_demo.sh                                   # tiny model, CHECKPOINT=... for yours
-    python scripts/web_demo.py --model_name_or_path models/tiny-glm --checkpoint output/adgen-toy-pt-32-2e-2/checkpoint-200
+    python scripts/web_demo.py --model_name_or_path models/tiny-glm \\
+        --checkpoint output/adgen-toy-pt-32-2e-2/checkpoint-200
 
 Then open http://127.0.0.1:7860. Needs the demo extras: bash scripts/setup_demo.sh.
 
@@ -13,21 +14,16 @@ The page is served on 127.0.0.1 only unless --host says otherwise; --share (a pu
 unless asked for.
 """
 
-import argparse
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, no install
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reporting from a local demo
 
 import gradio as gr  # noqa: E402
 
-from glmtune.errors import GlmtuneError  # noqa: E402
-from glmtune.parsing import TEMPLATES  # noqa: E402
-from glmtune.inference import load_tuned  # noqa: E402
+from glmtune.errors import GlmtuneError, exit_with  # noqa: E402
+from glmtune.serve import DEFAULT_MAX_NEW_TOKENS, options  # noqa: E402
 
-MAX_NEW_TOKENS = 128  # slider defaults (128 new tokens: TunedModel's default too)
+MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS  # slider defaults (TunedModel's default too)
 TOP_P = 0.7
 TEMPERATURE = 0.0  # 0: greedy
 # System fonts only: the default theme would fetch Google Fonts, which an offline machine cannot reach.
@@ -35,31 +31,12 @@ FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "Consolas", "monospace"]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", default="models/tiny-glm", help="local base model folder")
-    parser.add_argument(
-        "--checkpoint",
-        default=None,
-        help="P-Tuning v2 checkpoint or LoRA adapter folder (kind detected); omit or 'none' for the base",
-    )
-    parser.add_argument(
-        "--quantization_bit",
-        type=int,
-        choices=[4, 8],
-        default=None,
-        help="quantize the base to 4 or 8 bits (CUDA GPU + bitsandbytes)",
-    )
-    parser.add_argument(
-        "--prompt_template", default="auto", choices=TEMPLATES, help="prompt format, as in training (default auto)"
-    )
+def parse_args(argv=None):
+    parser = options.parser(__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also publish a public gradio.live link (off by default)")
-    args = parser.parse_args(argv)
-    if args.checkpoint in ("", "none"):
-        args.checkpoint = None
-    return args
+    return parser.parse_args(argv)
 
 
 def build_demo(tuned, title: str = "glmtune chat") -> gr.Blocks:
@@ -132,14 +109,9 @@ def build_demo(tuned, title: str = "glmtune chat") -> gr.Blocks:
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
-        tuned = load_tuned(
-            args.model_name_or_path,
-            args.checkpoint,
-            quantization_bit=args.quantization_bit,
-            prompt_template=args.prompt_template,
-        )
+        tuned = options.load(args)
     except GlmtuneError as error:
-        sys.exit(f"web_demo: {error}")
+        exit_with(error)
     demo = build_demo(tuned)
     demo.queue().launch(
         server_name=args.host,

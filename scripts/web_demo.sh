@@ -16,6 +16,7 @@ PORT=${PORT:-7860}
 PYTHON=${PYTHON:-python3}
 
 bash scripts/ensure_model.sh "$MODEL"
+source scripts/common.sh
 extra=()
 [ -n "$CHECKPOINT" ] && [ "$CHECKPOINT" != none ] && extra+=(--checkpoint "$CHECKPOINT")
 [ -n "$QUANTIZATION_BIT" ] && extra+=(--quantization_bit "$QUANTIZATION_BIT")

@@ -3,9 +3,8 @@
 import torch
 from safetensors.torch import load_file
 
-from glmtune.adapters import prefix_config
 from glmtune.arguments import PtuningArguments
-from glmtune.prefix import PrefixEncoder
+from glmtune.ptuning import PrefixEncoder, prefix_config
 
 
 def golden_prefix_encoder(config, folder, projection: bool) -> PrefixEncoder:

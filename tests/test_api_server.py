@@ -11,7 +11,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import REPO, TOY_DEV
 
 openai = pytest.importorskip("openai")
@@ -88,7 +87,7 @@ HISTORY = [["系统提示\n\n" + QUERIES[1], "好的。"]]  # what the ptuning t
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir, lora_checkpoint, ptuning_checkpoint):
     """Both servers start at once (their imports overlap with each other and with the in-process answers)."""
-    from glmtune.inference import load_tuned
+    from glmtune.serve.tuned import load_tuned
 
     lora = Server(
         "--model_name_or_path",
@@ -259,4 +258,4 @@ def test_a_bad_checkpoint_stops_the_server_with_exit_status_2(tiny_model_dir, tm
         timeout=120,
     )
     assert result.returncode == 2
-    assert "error: checkpoint" in result.stderr and "no such folder" in result.stderr
+    assert "error: --checkpoint" in result.stderr and "no such folder" in result.stderr

@@ -366,7 +366,7 @@ def _model_dir(path, config_text):
 
 
 def _three_layer_model(case):
-    from glmtune import tiny
+    from scripts import build_tiny_model as tiny
 
     out = case.tmp / "three-layers"
     tiny.build(str(TOY_TRAIN), str(out), steps=0, num_hidden_layers=3)

@@ -4,8 +4,8 @@ import copy
 
 import datasets
 import pytest
-
 from conftest import write_jsonl
+
 from glmtune.arguments import DataArguments
 from glmtune.data import load_split, tokenize
 from glmtune.prompt import PromptFormat

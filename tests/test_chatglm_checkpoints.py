@@ -8,11 +8,10 @@ bases carry the same file with the same keys, so the ancestors' loaders read the
 
 import pytest
 import torch
+from conftest import GOLDEN, chatglm_folder, needs_shared
 from safetensors.torch import load_file
 
-from conftest import GOLDEN, chatglm_folder
-
-pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason="needs ../shared/golden (the ChatGLM parity material)")
+pytestmark = needs_shared
 
 
 def ancestors_checkpoint(version: str, projection: str, out) -> str:
@@ -27,7 +26,7 @@ def ancestors_checkpoint(version: str, projection: str, out) -> str:
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize("projection", ["false", "true"])
 def test_ancestors_checkpoint_gives_the_original_logits(version, projection, tmp_path):
-    from glmtune.inference import load_tuned
+    from glmtune.serve.tuned import load_tuned
 
     tuned = load_tuned(
         chatglm_folder(version, tmp_path / "model"),
@@ -50,9 +49,10 @@ def test_ancestors_checkpoint_gives_the_original_logits(version, projection, tmp
 
 
 def test_glmtune_checkpoint_of_a_chatglm_base_carries_the_ancestors_file(tmp_path):
-    from glmtune.adapters import add_prefix_encoder, save_prefix_checkpoint
     from glmtune.arguments import ModelArguments, PtuningArguments
     from glmtune.model import load_base_model
+    from glmtune.ptuning import add_prefix_encoder
+    from glmtune.ptuning import save_checkpoint as save_prefix_checkpoint
 
     model = load_base_model(
         ModelArguments(model_name_or_path=chatglm_folder("v2", tmp_path / "model"), torch_dtype="float32")
@@ -68,7 +68,7 @@ def test_glmtune_checkpoint_of_a_chatglm_base_carries_the_ancestors_file(tmp_pat
 
 def test_ancestors_checkpoint_from_another_base_is_refused(tmp_path):
     from glmtune.errors import GlmtuneError
-    from glmtune.inference import load_tuned
+    from glmtune.serve.tuned import load_tuned
 
     checkpoint = ancestors_checkpoint("v1", "false", tmp_path / "ckpt")  # v1 width 128 into a v2 base (64)
     with pytest.raises(GlmtuneError, match="different base model"):

@@ -10,11 +10,10 @@ import json
 
 import pytest
 import torch
+from conftest import GOLDEN, SHARED, needs_shared
 from safetensors.torch import load_file
 
-from conftest import GOLDEN, SHARED
-
-pytestmark = pytest.mark.skipif(not GOLDEN.is_dir(), reason="needs ../shared (real ChatGLM tokenizers and goldens)")
+pytestmark = needs_shared
 
 TOKENIZERS = {"v1": "chatglm-6b", "v2": "chatglm2-6b", "v3": "chatglm3-6b"}
 TRAIN_PAIRS = [("你好", "Hi!"), ("类型#裙", "蓝色长裙。")]  # the goldens' training inputs (golden/README.md)
@@ -31,12 +30,18 @@ def tokenizer_for(version: str):
     return load_chatglm_tokenizer(str(SHARED / "tokenizers" / TOKENIZERS[version]))
 
 
-def encoder_for(version: str, template: str = "auto", train: bool = False):
-    from glmtune.data import Encoder
+def prompts_for(version: str, template: str = "auto", max_source_length: int = 1024):
+    from glmtune.data import PromptEncoder
     from glmtune.prompt import PromptFormat
 
     tokenizer = tokenizer_for(version)
-    return Encoder(tokenizer, PromptFormat(template, tokenizer), 1024, 1024, train=train)
+    return PromptEncoder(tokenizer, PromptFormat(template, tokenizer), max_source_length)
+
+
+def encoder_for(version: str, template: str = "auto", train: bool = False):
+    from glmtune.data import Encoder
+
+    return Encoder(prompts_for(version, template), 1024, train=train)
 
 
 def golden_chat(version: str) -> dict:
@@ -47,7 +52,7 @@ def golden_chat(version: str) -> dict:
 def test_auto_prompt_is_what_the_original_chat_fed_to_generate(version, case):
     chat = golden_chat(version)
     history = chat["history"] if case == "history_1_round" else []
-    ids = encoder_for(version).prompt_ids(chat["query"], history)
+    ids = prompts_for(version).full_ids(chat["query"], history)
     assert ids == chat[case]["input_ids"][0]
 
 
@@ -76,7 +81,7 @@ def test_training_layout_matches_the_golden_forward_train(version_):
     encoder = encoder_for(version_, template, train=True)
     batch = {"prompt": [q for q, _ in TRAIN_PAIRS], "response": [a for _, a in TRAIN_PAIRS], "history": [[], []]}
     encoded = encoder(batch)
-    pad = encoder.tokenizer.pad_token_id
+    pad = encoder.prompts.tokenizer.pad_token_id
     for row, (input_ids, labels) in enumerate(zip(encoded["input_ids"], encoded["labels"])):
         real = golden["input_ids"][row][: len(input_ids)]
         assert input_ids == real.tolist()
@@ -85,23 +90,21 @@ def test_training_layout_matches_the_golden_forward_train(version_):
         if version_ == "v1":
             # ChatGLM-6B's ptuning also made <sop> (always after [gMASK]) a target; glmtune never trains a
             # token that the prompt fixes, so it is -100 here. Everything else is identical.
-            expected[expected == encoder.tokenizer.convert_tokens_to_ids("<sop>")] = -100
+            expected[expected == encoder.prompts.tokenizer.convert_tokens_to_ids("<sop>")] = -100
         assert labels == expected.tolist()
         assert (golden["labels"][row][len(labels) :] == -100).all()
 
 
 def test_truncation_keeps_chatglm6b_trailing_special_tokens():
-    encoder = encoder_for("v1")
-    encoder.max_source_length = 10
-    ids, cut = encoder.encode_prompt("类型#裙*颜色#蓝色*风格#清新*图案#条纹", [])
+    encoder = prompts_for("v1", max_source_length=10)
+    ids, cut = encoder.encode("类型#裙*颜色#蓝色*风格#清新*图案#条纹", [])
     gmask, sop = encoder.tokenizer.convert_tokens_to_ids(["[gMASK]", "<sop>"])
     assert cut and len(ids) == 10 and ids[-2:] == [gmask, sop]
 
 
 def test_chatglm3_truncation_keeps_the_assistant_cue():
-    encoder = encoder_for("v3")
-    encoder.max_source_length = 12
-    ids, cut = encoder.encode_prompt("类型#裙*颜色#蓝色*风格#清新*图案#条纹", [])
+    encoder = prompts_for("v3", max_source_length=12)
+    ids, cut = encoder.encode("类型#裙*颜色#蓝色*风格#清新*图案#条纹", [])
     tokenizer = encoder.tokenizer
     assert cut and len(ids) == 12
     assert ids[:3] == tokenizer.convert_tokens_to_ids(["[gMASK]", "sop", "<|user|>"])
@@ -109,7 +112,7 @@ def test_chatglm3_truncation_keeps_the_assistant_cue():
 
 
 def test_chatglm3_stops_at_role_tokens_and_they_never_reach_the_text():
-    from glmtune.metrics import blank_stop_tokens
+    from glmtune.generation import blank_stop_tokens
     from glmtune.prompt import PromptFormat
 
     tokenizer = tokenizer_for("v3")
@@ -129,14 +132,14 @@ def test_real_adgen_dev_encodes_within_limits_and_answers_decode_back(version_):
     round-trip; ChatGLM-6B's normalises, e.g. '，' -> ',', so only its length is checked)."""
     rows = [json.loads(line) for line in open(SHARED / "data" / "AdvertiseGen" / "dev.json", encoding="utf-8")]
     encoder = encoder_for(version_, train=True)
-    encoder.max_source_length = encoder.max_target_length = 64
+    encoder.prompts.max_source_length = encoder.max_target_length = 64
     batch = {
         "prompt": [r["content"] for r in rows],
         "response": [r["summary"] for r in rows],
         "history": [[]] * len(rows),
     }
     encoded = encoder(batch)
-    tokenizer = encoder.tokenizer
+    tokenizer = encoder.prompts.tokenizer
     for row, input_ids, labels, cut in zip(rows, encoded["input_ids"], encoded["labels"], encoded["target_truncated"]):
         assert len(input_ids) == len(labels) <= 64 + 64 + 1
         answer = [token for token in labels if token != -100]

@@ -2,7 +2,7 @@
 
 Each tiny golden model of ../shared/golden (original config.json and state-dict keys) is put in a folder
 with its real tokenizer files, as a downloaded THUDM folder would be, and the shell scripts are pointed
-at it with MODEL=...: train a few steps, evaluate, then reload the checkpoint with glmtune.inference and
+at it with MODEL=...: train a few steps, evaluate, then reload the checkpoint with glmtune.serve.tuned and
 check it answers as evaluate.sh did. P-Tuning checkpoints also carry the ancestors' pytorch_model.bin,
 which alone (their format) must give the same answers.
 """
@@ -13,12 +13,11 @@ import shutil
 import subprocess
 
 import pytest
-
-from conftest import GOLDEN, REPO, TOY_DEV, TOY_TRAIN, chatglm_folder
+from conftest import REPO, TOY_DEV, TOY_TRAIN, chatglm_folder, needs_shared
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not GOLDEN.is_dir(), reason="needs ../shared/golden (the ChatGLM parity material)"),
+    needs_shared,
 ]
 
 TRAIN_ROWS, TEST_ROWS = 16, 6
@@ -43,7 +42,7 @@ def predictions(folder) -> list:
 @pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 @pytest.mark.parametrize("method", ["ptuning", "lora"])
 def test_original_folder_trains_evaluates_and_reloads(version, method, tmp_path):
-    from glmtune.inference import load_tuned
+    from glmtune.serve.tuned import load_tuned
 
     model = chatglm_folder(version, tmp_path / "model")
     test_file = head(TOY_DEV, TEST_ROWS, tmp_path / "test.json")

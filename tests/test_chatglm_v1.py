@@ -10,10 +10,10 @@ import json
 
 import pytest
 import torch
+from conftest import GOLDEN, needs_shared
+from golden import golden_prefix_encoder, parity_errors
 from safetensors.torch import load_file
 
-from conftest import GOLDEN
-from golden import golden_prefix_encoder, parity_errors
 from glmtune.chatglm.modeling_v1 import (
     ChatGLMConfig,
     ChatGLMForCausalLM,
@@ -22,13 +22,10 @@ from glmtune.chatglm.modeling_v1 import (
     rotary_frequencies,
 )
 from glmtune.errors import GlmtuneError
-from glmtune.prefix import attach_prefix
+from glmtune.ptuning import attach_prefix
 
 V1 = GOLDEN / "chatglm-v1"
-pytestmark = pytest.mark.skipif(
-    not (V1 / "model.safetensors").is_file(),
-    reason=f"ChatGLM-6B golden fixtures not found in {V1} (shared test material)",
-)
+pytestmark = needs_shared
 VARIANTS = ["base", "ptuning_proj_false", "ptuning_proj_true"]
 PAD = 3
 
@@ -98,7 +95,7 @@ def test_glmtune_collator_inputs_give_the_golden_loss(variant):
 
 def test_target_token_loss_gives_the_golden_loss():
     """glmtune's loss: decoder output captured by a hook, head applied only at answer positions."""
-    from glmtune.loss import TargetTokenLoss
+    from glmtune.speed.loss import TargetTokenLoss
 
     golden = load_file(train_file("ptuning_proj_true"))
     model = load_model("ptuning_proj_true")

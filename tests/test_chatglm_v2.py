@@ -10,19 +10,16 @@ import json
 
 import pytest
 import torch
+from conftest import GOLDEN, needs_shared
+from golden import golden_prefix_encoder, parity_errors
 from safetensors.torch import load_file
 
-from conftest import GOLDEN
-from golden import golden_prefix_encoder, parity_errors
 from glmtune.chatglm.modeling_v2 import ChatGLM2Config, ChatGLM2ForCausalLM, attention_bias
 from glmtune.errors import GlmtuneError
-from glmtune.prefix import attach_prefix
+from glmtune.ptuning import attach_prefix
 
 V2, V3 = GOLDEN / "chatglm-v2", GOLDEN / "chatglm-v3"
-pytestmark = pytest.mark.skipif(
-    not (V2 / "model.safetensors").is_file() or not V3.is_dir(),
-    reason=f"ChatGLM2/3 golden fixtures not found in {GOLDEN} (shared test material)",
-)
+pytestmark = needs_shared
 VARIANTS = ["base", "ptuning_proj_false", "ptuning_proj_true"]
 
 
@@ -189,7 +186,7 @@ def test_gradient_checkpointing_same_loss_and_grads(variant):
 
 def test_glmtune_target_token_loss_equals_golden_loss():
     """glmtune's training loss (head applied at answer tokens only, via get_decoder/get_output_embeddings)."""
-    from glmtune.loss import TargetTokenLoss
+    from glmtune.speed.loss import TargetTokenLoss
 
     golden = load_file(V3 / "forward_train_ptuning_proj_true.safetensors")
     model = load_model(V3 / "config.json", "ptuning_proj_true")

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
-from glmtune.inference import load_tuned
+
+from glmtune.serve.tuned import load_tuned
 
 SCRIPT = REPO / "scripts" / "cli_demo.py"
 QUERIES = ["类型#裙*颜色#白色", "第二轮", "类型#上衣"]
@@ -80,5 +80,5 @@ def test_missing_checkpoint_is_one_error_line_and_exit_2(tiny_model_dir, tmp_pat
         cli_demo.main(["--model_name_or_path", str(tiny_model_dir), "--checkpoint", str(tmp_path / "missing")])
     assert exit_info.value.code == 2
     stdout, stderr = capsys.readouterr()
-    assert stderr.splitlines() == [f"error: checkpoint {tmp_path / 'missing'}: no such folder"]
+    assert stderr.splitlines() == [f"error: --checkpoint {tmp_path / 'missing'}: no such folder"]
     assert "ChatGLM：" not in stdout

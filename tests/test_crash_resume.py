@@ -6,7 +6,6 @@ import importlib.util
 import os
 
 import pytest
-
 from conftest import REPO
 from test_trainer import run, train_flags, trained_weights
 

@@ -10,7 +10,7 @@ import torch
 from conftest import TOY_DEV, write_jsonl
 
 from glmtune.arguments import IGNORE_INDEX, DataArguments
-from glmtune.data import FEATURES, Collator, Encoder, load_split, read_records, tokenize
+from glmtune.data import FEATURES, Collator, Encoder, PromptEncoder, load_split, read_records, tokenize
 from glmtune.errors import DataError
 from glmtune.prompt import PromptFormat
 
@@ -256,7 +256,7 @@ def test_load_split_sees_a_rewritten_file(tmp_path):
 
 def _encode(tokenizer, rows, train, template="chatglm2", max_source_length=64, max_target_length=16, prefix=""):
     fmt = PromptFormat(template, tokenizer, prefix)
-    encoder = Encoder(tokenizer, fmt, max_source_length, max_target_length, train)
+    encoder = Encoder(PromptEncoder(tokenizer, fmt, max_source_length), max_target_length, train)
     batch = {
         "prompt": [r[0] for r in rows],
         "response": [r[1] for r in rows],

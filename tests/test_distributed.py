@@ -19,9 +19,9 @@ import subprocess
 
 import pytest
 import torch
+from conftest import REPO, TOY_DEV, TOY_TRAIN
 from safetensors.torch import load_file
 
-from conftest import REPO, TOY_DEV, TOY_TRAIN
 from glmtune.cli import main
 
 STEPS, SAVE_STEPS, PER_PROCESS, PROCESSES = 4, 2, 2, 2

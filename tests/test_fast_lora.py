@@ -1,15 +1,15 @@
-"""LoRA in the base dtype (glmtune.fast_lora): PEFT's computation in float32, bf16 rounding in bf16."""
+"""LoRA in the base dtype (glmtune.speed.fast_lora): PEFT's computation in float32, bf16 rounding in bf16."""
 
 import copy
 
 import pytest
 import torch
-
-from glmtune.adapters import add_lora
-from glmtune.arguments import LoraArguments
-from glmtune.fast_lora import lora_in_base_dtype
-from glmtune.trainer import GlmtuneTrainer
 from test_loss import batch
+
+from glmtune.arguments import LoraArguments
+from glmtune.lora import add_lora
+from glmtune.speed import FastStepTrainer
+from glmtune.speed.fast_lora import lora_in_base_dtype
 
 
 def lora_model(model, dropout=0.0):
@@ -89,7 +89,7 @@ def test_bf16_training_curve_matches_peft(model, tokenizer, tmp_path):
         )
         from glmtune.data import Collator
 
-        trainer = GlmtuneTrainer(
+        trainer = FastStepTrainer(
             model=run, args=args, train_dataset=samples, data_collator=Collator(tokenizer.pad_token_id, "right")
         )
         trainer.train()

@@ -5,7 +5,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from glmtune.data import Encoder, read_records
+from glmtune.data import PromptEncoder, read_records
 from glmtune.errors import DataError
 from glmtune.prompt import PromptFormat
 
@@ -61,5 +61,5 @@ def test_any_text_builds_a_prompt_and_fits_max_source_length(tokenizer, query, h
     prompt_format = PromptFormat(template, tokenizer, prefix)
     text = prompt_format.render(query, history)
     assert query in text
-    ids, _ = Encoder(tokenizer, prompt_format, 16, 8, train=True).encode_prompt(query, history)
+    ids, _ = PromptEncoder(tokenizer, prompt_format, 16).encode(query, history)
     assert len(ids) <= 16 and (len(ids) > 0 or text == "")

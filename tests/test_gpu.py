@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from conftest import chatglm_folder, needs_shared
 
-from glmtune.adapters import add_lora, add_prefix_encoder
 from glmtune.arguments import LoraArguments, ModelArguments, PtuningArguments
+from glmtune.lora import add_lora
 from glmtune.model import load_base_model
-
-from conftest import GOLDEN, chatglm_folder
+from glmtune.ptuning import add_prefix_encoder
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -61,7 +61,7 @@ def test_quantized_prefix_batched_generation_matches_single(tiny_model_dir, toke
         assert model.generate(**alone, **kwargs)[0, alone["input_ids"].shape[1] :].tolist() == batched[row].tolist()
 
 
-@pytest.mark.skipif(not GOLDEN.is_dir(), reason="needs ../shared/golden (the ChatGLM parity material)")
+@needs_shared
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("method", ["ptuning", "lora"])

@@ -1,13 +1,13 @@
-"""glmtune.inference: one loader for every consumer of a checkpoint; the same answers as evaluation."""
+"""glmtune.serve.tuned: one loader for every consumer of a checkpoint; the same answers as evaluation."""
 
 import json
 
 import pytest
-
 from conftest import TOY_DEV
-from glmtune.errors import GlmtuneError
-from glmtune.inference import checkpoint_method, load_tuned
 from test_trainer import PREDICT, run
+
+from glmtune.errors import GlmtuneError
+from glmtune.serve.tuned import checkpoint_method, load_tuned
 
 
 @pytest.mark.parametrize("method", ["ptuning", "lora"])
@@ -38,7 +38,8 @@ def test_checkpoint_kinds_and_errors(tmp_path, ptuning_checkpoint, lora_checkpoi
 def other_base(tmp_path, **shape):
     """A differently shaped tiny GLM (its tokenizer is trained on the same toy data)."""
     from conftest import TOY_TRAIN
-    from glmtune import tiny
+
+    from scripts import build_tiny_model as tiny
 
     out = tmp_path / "other-base"
     tiny.build(str(TOY_TRAIN), str(out), steps=0, **shape)

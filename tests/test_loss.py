@@ -5,13 +5,14 @@ import math
 
 import pytest
 import torch
+from test_trainer import run, train_flags
 
-import glmtune.loss
-from glmtune.adapters import add_lora, add_prefix_encoder
+import glmtune.speed.loss
 from glmtune.arguments import LoraArguments, PtuningArguments
 from glmtune.data import target_index
-from glmtune.loss import TargetTokenLoss
-from test_trainer import run, train_flags
+from glmtune.lora import add_lora
+from glmtune.ptuning import add_prefix_encoder
+from glmtune.speed.loss import TargetTokenLoss
 
 
 def adapted(model, method):
@@ -43,7 +44,7 @@ def test_value_and_gradients_equal_transformers_loss(
     model, tokenizer, monkeypatch, method, num_items, index_from_collator
 ):
     """Also with the target positions handed over by the collator (glmtune.data.target_index: no host sync)."""
-    monkeypatch.setattr(glmtune.loss, "CHUNK_TOKENS", 5)  # several chunks, the last one partial
+    monkeypatch.setattr(glmtune.speed.loss, "CHUNK_TOKENS", 5)  # several chunks, the last one partial
     model = adapted(model, method).train()
     inputs, labels = batch(tokenizer)
     extra = {} if num_items is None else {"num_items_in_batch": num_items}
@@ -81,7 +82,7 @@ def test_compiled_layers_give_the_same_loss_and_gradients(model, tokenizer):
     """--compile_layers changes how the layers run, not what they compute (about a minute of compiling)."""
     import copy
 
-    from glmtune.model import compile_decoder_layers
+    from glmtune.speed import compile_decoder_layers
 
     eager = adapted(copy.deepcopy(model), "ptuning").train()
     compiled = adapted(model, "ptuning").train()
@@ -97,11 +98,12 @@ def test_compiled_layers_give_the_same_loss_and_gradients(model, tokenizer):
 
 
 def train_curve(model, tokenizer, tmp_path, steps=8, collator=None, callbacks=None, **training_args) -> list:
-    """AdamW steps of GlmtuneTrainer on batches of two samples (right-padded unless ``collator``); the logged losses."""
+    """AdamW steps of FastStepTrainer on batches of two samples (right-padded unless ``collator``);
+    the logged losses."""
     from transformers import Seq2SeqTrainingArguments
 
     from glmtune.data import Collator
-    from glmtune.trainer import GlmtuneTrainer
+    from glmtune.speed import FastStepTrainer
 
     inputs, labels = batch(tokenizer)
     samples = [
@@ -122,7 +124,7 @@ def train_curve(model, tokenizer, tmp_path, steps=8, collator=None, callbacks=No
         seed=5,
         **training_args,
     )
-    trainer = GlmtuneTrainer(
+    trainer = FastStepTrainer(
         model=model,
         args=args,
         train_dataset=samples,
@@ -135,7 +137,7 @@ def train_curve(model, tokenizer, tmp_path, steps=8, collator=None, callbacks=No
 
 @pytest.mark.parametrize("nan_filter", [True, False])
 def test_nan_losses_are_filtered_as_trainer_does(model, tokenizer, tmp_path, nan_filter):
-    """--logging_nan_inf_filter, applied on the device by GlmtuneTrainer (Trainer's own check syncs every
+    """--logging_nan_inf_filter, applied on the device by FastStepTrainer (Trainer's own check syncs every
     step): once the loss turns nan, a logged step counts as the average of the steps since the last log,
     which is 0 here (one step per log), exactly what Trainer logs; without the filter the nan shows."""
     from transformers import TrainerCallback
@@ -156,7 +158,7 @@ def test_nan_losses_are_filtered_as_trainer_does(model, tokenizer, tmp_path, nan
 
 @pytest.mark.parametrize("method", ["ptuning", "lora"])
 def test_every_layer_trains_in_every_step(model, tokenizer, tmp_path, method):
-    """GlmtuneTrainer skips Trainer's per-step model.train() walk only when every submodule is in training
+    """FastStepTrainer skips Trainer's per-step model.train() walk only when every submodule is in training
     mode: a PEFT wrapper starts in training mode around a base from_pretrained left in eval mode, and its
     layers must still train (dropout, gradient checkpointing), also after an evaluation switched them off."""
     from transformers import TrainerCallback
@@ -184,28 +186,18 @@ def test_bf16_cuda_training_curve_matches_the_previous_path(model, tokenizer, tm
     flash attention for right-padded batches and LoRA in bf16: the same curve within bf16 noise."""
     import copy
 
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    from glmtune.fast_lora import lora_in_base_dtype
-    from glmtune.attention import ATTENTION_NAME, register_attention
+    from glmtune.speed.attention import use_fast_attention
+    from glmtune.speed.fast_lora import lora_in_base_dtype
 
     base = model.to("cuda", torch.bfloat16)
     curves = []
-    try:
-        for fast in (True, False):
-            torch.manual_seed(0)
-            run = adapted(
-                copy.deepcopy(base), method
-            )  # adapters after the copy: the prefix hook holds its model's layers
-            if fast:
-                register_attention()
-                if method == "lora":  # compile_decoder_layers does this for LoRA; P-Tuning v2 has it already
-                    run.get_base_model().set_attn_implementation(ATTENTION_NAME)
-                    assert lora_in_base_dtype(run) == 2 * 6
-            else:
-                AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-            curves.append(train_curve(run, tokenizer, tmp_path / str(fast)))
-    finally:
-        register_attention()
+    for fast in (True, False):
+        torch.manual_seed(0)
+        run = adapted(copy.deepcopy(base), method)  # adapters after the copy: the prefix hook holds its model's layers
+        if fast:
+            use_fast_attention(run)
+            if method == "lora":
+                assert lora_in_base_dtype(run) == 2 * 6
+        curves.append(train_curve(run, tokenizer, tmp_path / str(fast)))
     assert len(curves[0]) == 8 and curves[0][-1] < curves[0][0]
     assert curves[0] == pytest.approx(curves[1], rel=2e-2)

@@ -9,9 +9,8 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from conftest import REPO
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SCRIPT = REPO / "scripts" / "merge_lora.py"
 TEXTS = ["类型#裙*颜色#白色*风格#简约", "类型#上衣"]

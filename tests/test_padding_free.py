@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-
-from glmtune.attention import _flash_applies, prefix_sdpa_attention, use_glmtune_attention
-from glmtune.data import Collator, PaddingFreeCollator
-from glmtune.loss import TargetTokenLoss
 from test_loss import adapted
+
+from glmtune.data import Collator, PaddingFreeCollator
+from glmtune.speed.attention import _flash_applies, fast_attention, use_fast_attention
+from glmtune.speed.loss import TargetTokenLoss
 
 SAMPLES = [  # prompt tokens labelled -100, answer tokens labelled with themselves; three lengths
     {"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [-100, -100, -100, 8, 9, 10, 11]},
@@ -40,7 +40,7 @@ def padded_and_padding_free_runs(model, method, target_token_loss):
     for collate in (Collator(0, "right"), PaddingFreeCollator()):
         torch.manual_seed(0)
         run = adapted(copy.deepcopy(model), method).train()
-        use_glmtune_attention(run)
+        use_fast_attention(run)
         inputs = collate(SAMPLES)
         labels, index = inputs.pop("labels"), inputs.pop("target_index", None)
         if target_token_loss:
@@ -69,6 +69,7 @@ def test_same_loss_and_gradients_as_the_padded_batch(model, method, target_token
 def test_samples_do_not_see_each_other(model):
     """Changing one sample's tokens changes no other sample's outputs (and does change its own)."""
     run = adapted(copy.deepcopy(model), "ptuning").eval()
+    use_fast_attention(run)  # the attention that keeps padding-free samples apart (glmtune.speed.prepare)
     changed = copy.deepcopy(SAMPLES)
     changed[1]["input_ids"] = [30, 31, 32]
     with torch.no_grad():
@@ -99,7 +100,7 @@ def test_no_search_for_packed_samples(model, monkeypatch):
         torch.manual_seed(0)
         run = adapted(copy.deepcopy(model), "lora")
         if glmtune_attention:
-            use_glmtune_attention(run)
+            use_fast_attention(run)
         with torch.no_grad():
             losses.append(run(**inputs, use_cache=False).loss)  # as in training (with a cache: no search)
         assert len(searches) == (0 if glmtune_attention else 1)
@@ -130,7 +131,7 @@ def test_flash_route_equals_the_block_mask_route(pre_seq_len):
         query, key, value, prefix = [t.to("cuda", dtype).requires_grad_() for t in tensors]
         assert _flash_applies(query, key) == (dtype == torch.bfloat16)
         layer.prefix_key_value = prefix if pre_seq_len else None
-        out, _ = prefix_sdpa_attention(
+        out, _ = fast_attention(
             layer,
             query,
             key,
@@ -156,11 +157,11 @@ def test_block_mask_route_equals_explicit_softmax():
     torch.manual_seed(0)
     layer = torch.nn.Module()
     layer.num_key_value_groups = 2
-    lengths, pre, dim = [3, 5], 4, 16
+    pre, dim = 4, 16  # samples of 3 and 5 tokens
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
     query, key, value = torch.randn(1, 4, 8, dim), torch.randn(1, 2, 8, dim), torch.randn(1, 2, 8, dim)
     layer.prefix_key_value = torch.randn(2, 2, pre, dim)
-    out, _ = prefix_sdpa_attention(layer, query, key, value, None, scaling=dim**-0.5, cu_seq_lens_q=cu, max_length_q=5)
+    out, _ = fast_attention(layer, query, key, value, None, scaling=dim**-0.5, cu_seq_lens_q=cu, max_length_q=5)
     for start, length in ((0, 3), (3, 5)):
         span = slice(start, start + length)
         keys = torch.cat([layer.prefix_key_value[0], key[0, :, span]], dim=1).repeat_interleave(2, dim=0)
@@ -175,7 +176,7 @@ def test_block_mask_route_equals_explicit_softmax():
 
 def test_prefix_is_copied_in_front_of_every_sample():
     """The layout the CUDA route hands to flash: per sample, the prefix rows then its own tokens."""
-    from glmtune.attention import _prefix_in_every_sample
+    from glmtune.speed.attention import _prefix_in_every_sample
 
     torch.manual_seed(0)
     cu = torch.tensor([0, 3, 8, 9], dtype=torch.int32)
@@ -200,12 +201,12 @@ def test_entry_point_trains_the_same_curve_and_weights(tiny_model_dir, tmp_path,
     own ChatGLM2/3 class, which builds its masks its own way."""
     import json
 
-    from conftest import GOLDEN, chatglm_folder
-    from test_trainer import run, trained_weights, train_flags
+    from conftest import GOLDEN, SHARED_MISSING, chatglm_folder
+    from test_trainer import run, train_flags, trained_weights
 
     if base == "chatglm3":
         if not GOLDEN.is_dir():
-            pytest.skip("needs ../shared/golden (the ChatGLM parity material)")
+            pytest.skip(SHARED_MISSING)
         tiny_model_dir = chatglm_folder("v3", tmp_path / "v3")
     curves, weights = [], []
     for flag in ("True", "False"):
@@ -223,11 +224,11 @@ def test_entry_point_trains_the_same_curve_and_weights(tiny_model_dir, tmp_path,
 
 def test_refused_for_a_model_that_cannot_keep_samples_apart(tmp_path):
     """ChatGLM-6B derives its positions from [gMASK]: --padding_free True stops with one clear error."""
-    from conftest import GOLDEN, chatglm_folder
+    from conftest import GOLDEN, SHARED_MISSING, chatglm_folder
     from test_trainer import run, train_flags
 
     if not GOLDEN.is_dir():
-        pytest.skip("needs ../shared/golden (the ChatGLM parity material)")
+        pytest.skip(SHARED_MISSING)
     folder = chatglm_folder("v1", tmp_path / "v1")
     with pytest.raises(SystemExit) as exit_info:
         run("ptuning", folder, tmp_path / "out", *train_flags("ptuning", steps=1), "--padding_free", "True")
@@ -241,8 +242,9 @@ def test_refused_for_a_model_that_cannot_keep_samples_apart(tmp_path):
 def test_bf16_cuda_compiled_curve_matches_padded_batches(model, tokenizer, tmp_path, method):
     """The whole fast path as train.sh runs it on a GPU (compiled layers, padding-free batches, flash's
     variable-length kernel) against padded batches in eager mode: the same curve within bf16 noise."""
-    from glmtune.model import compile_decoder_layers
     from test_loss import train_curve
+
+    from glmtune.speed import compile_decoder_layers
 
     base = model.to("cuda", torch.bfloat16)
     curves = []
@@ -250,7 +252,7 @@ def test_bf16_cuda_compiled_curve_matches_padded_batches(model, tokenizer, tmp_p
         torch.manual_seed(0)
         run = adapted(copy.deepcopy(base), method)
         if fast:
-            use_glmtune_attention(run)
+            use_fast_attention(run)
             compile_decoder_layers(run)
         curves.append(
             train_curve(run, tokenizer, tmp_path / str(fast), collator=PaddingFreeCollator() if fast else None)

@@ -7,10 +7,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from glmtune.adapters import add_prefix_encoder
 from glmtune.arguments import PtuningArguments
-from glmtune.attention import _flash_applies, prefix_sdpa_attention
-from glmtune.prefix import attention_layers
+from glmtune.ptuning import add_prefix_encoder, attention_layers, prefix_attention
+from glmtune.speed.attention import _flash_applies, fast_attention
 
 PRE_SEQ_LEN = 5
 
@@ -58,7 +57,7 @@ def test_attention_equals_explicit_softmax_with_prefix_keys(model):
     pad = torch.tensor([[True] * q_len, [False, False] + [True] * (q_len - 2)])  # second row left-padded by 2
     causal = torch.tril(torch.ones(q_len, q_len, dtype=torch.bool))
     mask = (causal[None] & pad[:, None, :])[:, None]  # [B, 1, Q, K] as transformers builds it for SDPA
-    out, _ = prefix_sdpa_attention(layer, query, key, value, mask, scaling=dim**-0.5, dropout=0.0)
+    out, _ = prefix_attention(layer, query, key, value, mask, scaling=dim**-0.5, dropout=0.0)
 
     prefix_keys, prefix_values = layer.prefix_key_value  # [kv_heads, P, D] each
     full_keys = torch.cat([prefix_keys.expand(batch_size, -1, -1, -1), key], dim=2).repeat_interleave(2, dim=1)
@@ -184,7 +183,7 @@ def test_right_padded_batches_skip_the_mask_with_the_same_loss_and_gradients(mod
     """prefix_mask drops the padding mask of right-padded batches: same loss, same gradients as transformers' mask."""
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    from glmtune.attention import ATTENTION_NAME, register_attention
+    from glmtune.speed.attention import ATTENTION_NAME, register_attention, use_fast_attention
 
     inputs, labels = right_padded_batch(tokenizer)
     assert not inputs["attention_mask"].all()  # the batch is padded
@@ -192,6 +191,7 @@ def test_right_padded_batches_skip_the_mask_with_the_same_loss_and_gradients(mod
     try:
         for mask_function in (None, sdpa_mask):  # None: glmtune's registration
             run = prefixed(copy.deepcopy(model), projection=True).train()
+            use_fast_attention(run)
             if mask_function is not None:
                 AttentionMaskInterface.register(ATTENTION_NAME, mask_function)
             results.append(loss_and_gradients(run, inputs, labels))
@@ -207,7 +207,7 @@ def test_right_padded_batches_skip_the_mask_with_the_same_loss_and_gradients(mod
 def test_prefix_mask_is_none_only_for_right_padding_without_cache():
     from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
 
-    from glmtune.attention import prefix_mask
+    from glmtune.speed.attention import prefix_mask
 
     right = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     left = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
@@ -251,7 +251,7 @@ def test_flash_route_equals_the_explicit_mask_route(q_len, cached, pre_seq_len):
         query, key, value, prefix = [t.to("cuda", dtype).requires_grad_() for t in tensors]
         assert _flash_applies(query, key) == (dtype == torch.bfloat16)
         layer.prefix_key_value = torch.stack([prefix, prefix.flip(-1)]) if pre_seq_len else None
-        out, _ = prefix_sdpa_attention(layer, query, key, value, None, scaling=dim**-0.5, dropout=0.0)
+        out, _ = fast_attention(layer, query, key, value, None, scaling=dim**-0.5, dropout=0.0)
         out.float().square().sum().backward()
         grads = [t.grad.float() for t in (query, key, value, prefix) if t.grad is not None]
         results.append([out.float(), *grads])

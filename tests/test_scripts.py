@@ -9,7 +9,6 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.slow

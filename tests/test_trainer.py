@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import TOY_DEV, TOY_TRAIN
 from safetensors.torch import load_file
 
-from conftest import TOY_DEV, TOY_TRAIN
 from glmtune.cli import main
 
 METHOD_FLAGS = {

@@ -15,9 +15,9 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import REPO, TOY_DEV
-from glmtune.inference import load_tuned
+
+from glmtune.serve.tuned import load_tuned
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -155,7 +155,9 @@ def test_web_demo_chats_with_streamed_greedy_answers_and_history(
         textbox.send_keys(query)
         driver.find_element(By.ID, "submit_btn").click()
         try:  # streamed: wait for the whole answer, not only its first pieces
-            WebDriverWait(driver, 60).until(lambda d: texts("bot")[turn - 1 :] == [expected])
+            WebDriverWait(driver, 60).until(
+                lambda d, turn=turn, expected=expected: texts("bot")[turn - 1 :] == [expected]
+            )
         except TimeoutException:
             pass  # the assertions below say what differs
         bots = texts("bot")

@@ -10,7 +10,6 @@ Model folders saved by THUDM (config.json with ``model_type: "chatglm"``, the or
 * ``tokenization`` - which tokenizer a folder needs, and loading it; the tokenizers themselves (SentencePiece,
   the original special tokens and prompt builders) in ``tokenization_v1`` / ``tokenization_v2`` over
   ``tokenization_base``.
-* ``prefix_format`` - the ancestors' P-Tuning v2 checkpoint file, read and written.
 
 Contract with the rest of glmtune (what makes P-Tuning v2, LoRA, the target-token loss and layer
 compilation work on these models exactly as on native transformers models):
@@ -18,7 +17,7 @@ compilation work on these models exactly as on native transformers models):
 * attention modules carry ``layer_idx``, ``config`` and a ``query_key_value`` linear, and call the function
   registered under ``config._attn_implementation`` in transformers' ``ALL_ATTENTION_FUNCTIONS`` with
   ``(module, query [B,H,Q,D], key [B,Hkv,K,D], value, attention_mask, dropout=0.0, scaling=...)``, rotary
-  already applied and the KV cache already updated, so ``glmtune.prefix`` can join its prefix there;
+  already applied and the KV cache already updated, so ``glmtune.ptuning`` can join its prefix there;
 * ``get_decoder()`` returns the module that runs the layers (its output's first element is the final
   hidden state, after the final norm) and has a ``layers`` attribute listing the decoder layers;
   ``get_output_embeddings()`` is the output head; ``forward`` accepts ``logits_to_keep``;
@@ -70,16 +69,3 @@ def load_config(path: str):
 
 def is_chatglm_config(model_config) -> bool:
     return getattr(model_config, "model_type", None) == MODEL_TYPE
-
-
-def prefix_embedding_dim(model_config, kv_size: int) -> int:
-    """Width of the prefix embedding when the prefix is projected: ChatGLM-6B projects hidden -> hidden -> kv,
-    ChatGLM2/3-6B kv -> hidden -> kv (their checkpoints' shapes); other models use hidden_size."""
-    if is_chatglm_config(model_config) and architecture(model_config.to_dict()) == "v2":
-        return kv_size
-    return model_config.hidden_size
-
-
-# The original LoRA recipes' targets on these models (ChatGLM-Tuning, ChatGLM3 finetune_demo): every linear
-# layer of the decoder, by their original names.
-LORA_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]

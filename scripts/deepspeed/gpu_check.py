@@ -233,7 +233,8 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print(
-            f"| {row['row']} | {row['status']} | {row['seconds']} | {row.get('peak_gib', '')} | {row.get('losses', '')} "
+            f"| {row['row']} | {row['status']} | {row['seconds']} | {row.get('peak_gib', '')} "
+            f"| {row.get('losses', '')} "
             f"| {row.get('max_abs_diff_vs_uninterrupted', '')} |"
         )
     for row in rows:

@@ -1,7 +1,7 @@
 """Using a tuned model: load base + checkpoint, build prompts as training did, generate (batched or streamed).
 
-One loader for evaluation tools, the chat demos, the LoRA merge and the API server, so that all of them
-read checkpoints the way the trainers wrote them.
+One loader for the chat demos, the LoRA merge and the API server, so that all of them read checkpoints the
+way the trainers wrote them.
 """
 
 import functools
@@ -12,15 +12,14 @@ from dataclasses import dataclass
 import torch
 from transformers import TextIteratorStreamer
 
-from glmtune.adapters import PREFIX_CONFIG, add_lora, add_prefix_encoder, is_prefix_checkpoint
-from glmtune.arguments import LoraArguments, ModelArguments, PtuningArguments
-from glmtune.data import Encoder
+from glmtune import lora, ptuning
+from glmtune.arguments import DEFAULT_MAX_SOURCE_LENGTH, LoraArguments, ModelArguments, PtuningArguments
+from glmtune.data import PromptEncoder
 from glmtune.errors import GlmtuneError
-from glmtune.metrics import blank_stop_tokens
+from glmtune.generation import blank_stop_tokens
 from glmtune.model import load_base_model, load_tokenizer
 from glmtune.prompt import PromptFormat
-
-ADAPTER_CONFIG = "adapter_config.json"
+from glmtune.serve import DEFAULT_MAX_NEW_TOKENS
 
 
 @dataclass
@@ -29,21 +28,24 @@ class TunedModel:
     tokenizer: object
     prompt_format: PromptFormat
     method: str  # "ptuning", "lora" or "base"
-    max_source_length: int = 1024
+    max_source_length: int = DEFAULT_MAX_SOURCE_LENGTH
 
     @functools.cached_property
-    def encoder(self) -> Encoder:
+    def prompts(self) -> PromptEncoder:
         """Built once: every request encodes its prompt with it."""
-        return Encoder(self.tokenizer, self.prompt_format, self.max_source_length, 1, train=False)
+        return PromptEncoder(self.tokenizer, self.prompt_format, self.max_source_length)
 
     def encode(self, query: str, history=None) -> list:
         """Prompt ids exactly as training built them (same template, same truncation)."""
-        return self.encoder.encode_prompt(query, history or [])[0]
+        return self.prompts.encode(query, history or [])[0]
 
     def generate(self, queries: list, histories=None, **generate_kwargs) -> list:
         """Answers for several queries at once (left-padded batch), in order."""
         histories = histories or [None] * len(queries)
-        rows = [self.encode(q, h) for q, h in zip(queries, histories)]
+        return self.generate_ids([self.encode(q, h) for q, h in zip(queries, histories)], **generate_kwargs)
+
+    def generate_ids(self, rows: list, **generate_kwargs) -> list:
+        """Answers for several encoded prompts at once (left-padded batch), in order."""
         width = max(map(len, rows))
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.model.device)
@@ -58,7 +60,11 @@ class TunedModel:
 
     def stream(self, query: str, history=None, **generate_kwargs):
         """Yield the answer's text as it is generated."""
-        ids = torch.tensor([self.encode(query, history)], device=self.model.device)
+        yield from self.stream_ids(self.encode(query, history), **generate_kwargs)
+
+    def stream_ids(self, prompt_ids: list, **generate_kwargs):
+        """Yield the answer's text for an encoded prompt as it is generated."""
+        ids = torch.tensor([prompt_ids], device=self.model.device)
         streamer = AnswerStreamer(self.tokenizer, self.prompt_format.generation_ids())
         kwargs = dict(
             input_ids=ids,
@@ -76,7 +82,12 @@ class TunedModel:
             self.model.generate(**kwargs)
 
     def _generate_kwargs(self, overrides: dict) -> dict:
-        kwargs = {"max_new_tokens": 128, "do_sample": False, "use_cache": True, **self.prompt_format.generation_ids()}
+        kwargs = {
+            "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
+            "do_sample": False,
+            "use_cache": True,
+            **self.prompt_format.generation_ids(),
+        }
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
         if not kwargs.get("do_sample"):
             kwargs.pop("top_p", None), kwargs.pop("temperature", None)
@@ -102,12 +113,13 @@ def checkpoint_method(checkpoint) -> str:
         return "base"
     if not os.path.isdir(checkpoint):
         raise GlmtuneError(f"checkpoint {checkpoint}: no such folder")
-    if is_prefix_checkpoint(checkpoint):
+    if ptuning.is_checkpoint(checkpoint):
         return "ptuning"
-    if os.path.isfile(os.path.join(checkpoint, ADAPTER_CONFIG)):
+    if lora.is_checkpoint(checkpoint):
         return "lora"
     raise GlmtuneError(
-        f"checkpoint {checkpoint}: neither a P-Tuning v2 checkpoint ({PREFIX_CONFIG}) nor a LoRA adapter ({ADAPTER_CONFIG})"
+        f"checkpoint {checkpoint}: neither a P-Tuning v2 checkpoint ({ptuning.CONFIG_FILE}) "
+        f"nor a LoRA adapter ({lora.CONFIG_FILE})"
     )
 
 
@@ -118,27 +130,31 @@ def load_tuned(
     torch_dtype="auto",
     prompt_template="auto",
     source_prefix="",
-    max_source_length=1024,
+    max_source_length=DEFAULT_MAX_SOURCE_LENGTH,
+    trust_remote_code=False,
 ) -> TunedModel:
     """Base model (+ P-Tuning v2 checkpoint or LoRA adapter), ready to generate."""
     if not os.path.isfile(os.path.join(model_name_or_path, "config.json")):
         raise GlmtuneError(f"model {model_name_or_path}: not a model folder (no config.json)")
     method = checkpoint_method(checkpoint)
     model_args = ModelArguments(
-        model_name_or_path=model_name_or_path, quantization_bit=quantization_bit, torch_dtype=torch_dtype
+        model_name_or_path=model_name_or_path,
+        quantization_bit=quantization_bit,
+        torch_dtype=torch_dtype,
+        trust_remote_code=trust_remote_code,
     )
     tokenizer = load_tokenizer(model_args)
-    model = load_base_model(model_args)
-    if method == "ptuning":
-        model = add_prefix_encoder(model, PtuningArguments(ptuning_checkpoint=checkpoint))
-    elif method == "lora":
-        model = add_lora(model, LoraArguments(lora_checkpoint=checkpoint))
-    if not quantization_bit and torch.cuda.is_available():
-        model = model.to("cuda")
-    model.eval()
-    model.config.use_cache = True
     try:
         prompt_format = PromptFormat(prompt_template, tokenizer, source_prefix)
     except ValueError as error:
         raise GlmtuneError(str(error)) from None
+    model = load_base_model(model_args)
+    if method == "ptuning":
+        model = ptuning.add_prefix_encoder(model, PtuningArguments(ptuning_checkpoint=checkpoint))
+    elif method == "lora":
+        model = lora.add_lora(model, LoraArguments(lora_checkpoint=checkpoint))
+    if not quantization_bit and torch.cuda.is_available():
+        model = model.to("cuda")
+    model.eval()
+    model.config.use_cache = True
     return TunedModel(model, tokenizer, prompt_format, method, max_source_length)

@@ -1,11 +1,9 @@
-"""glmtune's attention function: SDPA attention plus the P-Tuning v2 prefix, flash routes and padding-free batches.
+"""The fast attention function: flash routes and padding-free batches, with or without the P-Tuning v2 prefix.
 
-Registered with transformers' ``AttentionInterface`` as ``ATTENTION_NAME``. P-Tuning v2 always runs it;
-LoRA runs it under ``--compile_layers`` or ``--padding_free``. On top of transformers' SDPA attention:
+Registered with transformers' ``AttentionInterface`` as ``ATTENTION_NAME`` and switched on by
+:func:`use_fast_attention` (``glmtune.speed.prepare``: ``--compile_layers`` or ``--padding_free``). On top of
+:func:`glmtune.ptuning.prefix_attention` (transformers' SDPA attention plus the prefix):
 
-* the prefix: each layer's ``[2, kv_heads, pre_seq_len, head_dim]`` slice, left in
-  ``module.prefix_key_value`` by :func:`glmtune.prefix.attach_prefix`, is joined in front of the layer's keys
-  and values (after rotary embedding and the cache update); every query sees the whole prefix;
 * flash routes: causal attention without a mask runs the flash kernel, aligned bottom-right (the prefix and
   any cache come first); right-padded training batches get no mask (:func:`prefix_mask`), so they take it;
 * padding-free batches (``glmtune.data.PaddingFreeCollator``): the samples of a batch back to back in one row,
@@ -18,16 +16,17 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-ATTENTION_NAME = "glmtune_prefix_sdpa"
+from glmtune import ptuning
+from glmtune.model import base_causal_lm
+
+ATTENTION_NAME = "glmtune_fast_sdpa"
 
 
-def prefix_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
-    """Attention over [prefix keys/values] + the layer's own keys/values (``module.prefix_key_value``, or none).
+def fast_attention(module, query, key, value, attention_mask, **kwargs):
+    """:func:`glmtune.ptuning.prefix_attention`, with the flash kernel wherever it computes the same thing.
 
-    Reading the prefix from the module rather than indexing by ``layer_idx`` keeps the code identical for
-    every layer, so ``torch.compile`` compiles it once. Without a prefix (LoRA) it is transformers' SDPA
-    attention, except that a causal call without mask or cache also goes to the flash op: on an H100, SDPA
-    picks cuDNN there, which builds a new cuDNN graph (hundreds of milliseconds) for every new batch length.
+    Without a prefix (LoRA), a causal call without mask or cache also goes to the flash op: on an H100,
+    SDPA picks cuDNN there, which builds a new cuDNN graph (hundreds of milliseconds) for every new batch length.
     """
     prefix = getattr(module, "prefix_key_value", None)
     if kwargs.get("cu_seq_lens_q") is not None:
@@ -36,13 +35,10 @@ def prefix_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
         if _plain_causal(module, query, key, attention_mask, kwargs) and _flash_applies(query, key):
             return _flash_lower_right(query, key, value, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    prefix_keys, prefix_values = prefix.to(key.dtype).unsqueeze(1).expand(-1, key.shape[0], -1, -1, -1)
-    key = torch.cat([prefix_keys, key], dim=2)
-    value = torch.cat([prefix_values, value], dim=2)
-    if attention_mask is None and _flash_applies(query, key):
+    if attention_mask is None and _flash_applies(query, key):  # the prefix changes no shape the check reads
+        key, value = ptuning.join_prefix(prefix, key, value)
         return _flash_lower_right(query, key, value, **kwargs)
-    mask = _mask_with_prefix(attention_mask, query, key, prefix_keys.shape[2])
-    return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
+    return ptuning.prefix_attention(module, query, key, value, attention_mask, **kwargs)
 
 
 def _plain_causal(module, query, key, attention_mask, kwargs) -> bool:
@@ -80,26 +76,6 @@ def _flash_lower_right(query, key, value, dropout=0.0, scaling=None, **_):
     """
     out = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout, True, False, scale=scaling)[0]
     return out.transpose(1, 2).contiguous(), None
-
-
-def _mask_with_prefix(attention_mask, query, key, pre_seq_len):
-    """Prepend ``pre_seq_len`` always-visible columns to the real tokens' mask.
-
-    ``key`` already holds the prefix. transformers passes ``None`` when the mask is purely causal (it
-    relies on SDPA's ``is_causal``, which aligns top-left and so would be wrong once the prefix makes keys
-    longer than queries): build the causal mask explicitly then, aligning the queries to the last keys.
-    """
-    q_len, k_len = query.shape[2], key.shape[2] - pre_seq_len
-    if attention_mask is None:
-        rows = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
-        attention_mask = (torch.arange(k_len, device=query.device)[None, :] <= rows)[None, None]
-    attention_mask = attention_mask[..., -k_len:]
-    shape = (*attention_mask.shape[:-1], pre_seq_len)
-    if attention_mask.dtype == torch.bool:
-        visible = torch.ones(shape, dtype=torch.bool, device=attention_mask.device)
-    else:  # additive float mask: 0 means visible
-        visible = torch.zeros(shape, dtype=attention_mask.dtype, device=attention_mask.device)
-    return torch.cat([visible, attention_mask], dim=-1)
 
 
 # ----------------------------------------------------------------------------- padding-free batches
@@ -244,18 +220,17 @@ def _right_padded(padding_mask, length: int) -> bool:
 
 def register_attention() -> None:
     """Make ``ATTENTION_NAME`` known to transformers (idempotent); masks are built as for SDPA (:func:`prefix_mask`)."""
-    AttentionInterface.register(ATTENTION_NAME, prefix_sdpa_attention)
+    AttentionInterface.register(ATTENTION_NAME, fast_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, prefix_mask)
 
 
-def use_glmtune_attention(model) -> None:
-    """Switch a model (or a PEFT wrapper's base) from SDPA to glmtune's attention; other choices are kept.
-    transformers' decoders also get :func:`_no_mask_for_padding_free` (it acts on padding-free batches only)."""
-    from glmtune.model import base_causal_lm
-
+def use_fast_attention(model) -> None:
+    """Switch a model (or a PEFT wrapper's base) from SDPA or the P-Tuning v2 attention to :func:`fast_attention`;
+    other choices are kept. transformers' decoders also get :func:`_no_mask_for_padding_free` (it acts on
+    padding-free batches only)."""
     register_attention()
     causal_lm = base_causal_lm(model)
-    if causal_lm.config._attn_implementation == "sdpa":  # ours falls back to SDPA where no prefix is attached
+    if causal_lm.config._attn_implementation in ("sdpa", ptuning.ATTENTION_NAME):
         causal_lm.set_attn_implementation(ATTENTION_NAME)
     decoder = causal_lm.base_model
     if type(decoder).__module__.startswith("transformers.") and not hasattr(decoder, "_glmtune_mask_hook"):
