@@ -5,4 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup_demo.sh
-${PYTHON:-python3} -m pytest -q "$@"
+PYTHON=${PYTHON:-python3}
+$PYTHON -m ruff check .            # lint (configured in pyproject.toml)
+$PYTHON -m ruff format --check .   # formatting
+$PYTHON -m pytest -q -rs "$@"      # -rs: every skip with its reason in the summary
