@@ -97,7 +97,9 @@ def test_compiled_layers_give_the_same_loss_and_gradients(model, tokenizer):
     )
 
 
-def train_curve(model, tokenizer, tmp_path, steps=8, collator=None, callbacks=None, **training_args) -> list:
+def train_curve(
+    model, tokenizer, tmp_path, steps=8, collator=None, callbacks=None, trainer_class=None, **training_args
+) -> list:
     """AdamW steps of FastStepTrainer on batches of two samples (right-padded unless ``collator``);
     the logged losses."""
     from transformers import Seq2SeqTrainingArguments
@@ -124,7 +126,7 @@ def train_curve(model, tokenizer, tmp_path, steps=8, collator=None, callbacks=No
         seed=5,
         **training_args,
     )
-    trainer = FastStepTrainer(
+    trainer = (trainer_class or FastStepTrainer)(
         model=model,
         args=args,
         train_dataset=samples,

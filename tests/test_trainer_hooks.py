@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TOY_DEV, TOY_TRAIN
 from safetensors.torch import load_file
-from test_loss import adapted, batch
+from test_loss import adapted, train_curve
 from test_trainer import run
 from transformers import Trainer
 
@@ -88,34 +88,8 @@ class CountingTrainer(FastStepTrainer):
 
 def test_gradient_clipping_goes_through_clip_grad_norm(model, tokenizer, tmp_path):
     """FastStepTrainer clips over the trained parameters in _clip_grad_norm: Trainer must call it every step."""
-    from transformers import Seq2SeqTrainingArguments
-
-    from glmtune.data import Collator
-
-    inputs, labels = batch(tokenizer)
-    samples = [
-        {"input_ids": ids[m.bool()].tolist(), "labels": lab[m.bool()].tolist()}
-        for ids, m, lab in zip(inputs["input_ids"], inputs["attention_mask"], labels)
-    ] * 3
-    args = Seq2SeqTrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        max_steps=3,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        remove_unused_columns=False,
-        label_names=["labels"],
-        max_grad_norm=1.0,
-    )
     CountingTrainer.clip_calls = 0
-    trainer = CountingTrainer(
-        model=adapted(model, "lora"),
-        args=args,
-        train_dataset=samples,
-        data_collator=Collator(tokenizer.pad_token_id, "right"),
-    )
-    trainer.train()
+    train_curve(adapted(model, "lora"), tokenizer, tmp_path, steps=3, trainer_class=CountingTrainer, max_grad_norm=1.0)
     assert CountingTrainer.clip_calls == 3
 
 
