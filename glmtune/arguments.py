@@ -136,6 +136,15 @@ class GenerationArguments:
     temperature: float = field(default=0.95, metadata={"help": "Sampling temperature (with --do_sample)."})
     num_beams: int = field(default=1, metadata={"help": "Beam search width (1 = no beam search)."})
     repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty for repeated tokens (1.0 = none)."})
+    cache_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "The key/value cache of evaluation's generation: static (preallocated, so that transformers "
+            "compiles the decoding step: several times faster on a GPU) or dynamic. Default: static on a CUDA GPU "
+            "for transformers' own models, unless the decoder layers were compiled for training in the same run; "
+            "dynamic elsewhere."
+        },
+    )
 
     def to_generate_kwargs(self, default_max_new_tokens: int) -> dict:
         kwargs = {
@@ -144,6 +153,8 @@ class GenerationArguments:
             "num_beams": self.num_beams,
             "repetition_penalty": self.repetition_penalty,
         }
+        if self.cache_implementation == "static":
+            kwargs["cache_implementation"] = "static"
         if self.do_sample:
             kwargs.update(top_p=self.top_p, temperature=self.temperature)
         return kwargs
@@ -173,6 +184,22 @@ class RunArguments:
             "the padded batch, without computing the padding. Default: on when training a bf16/fp16 base on a CUDA GPU "
             "with a model whose attention receives the sample boundaries (transformers' own models, ChatGLM2/3; not "
             "ChatGLM-6B); off on CPU, where the explicit block mask costs more than the padding saves."
+        },
+    )
+    max_memory_gib: float | None = field(
+        default=None,
+        metadata={
+            "help": "GPU memory this training run may use, in GiB (CUDA, one process): glmtune measures a few steps "
+            "and picks the micro-batch and how many decoder layers to checkpoint so that the run fits, keeping the "
+            "effective batch --per_device_train_batch_size x --gradient_accumulation_steps. Default: what the GPU "
+            "has free, less 1 GiB. --gradient_checkpointing given by hand is kept as given."
+        },
+    )
+    fit_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "Choose the micro-batch and gradient checkpointing to fit --max_memory_gib (CUDA training, one "
+            "process, no DeepSpeed). --fit_memory False: run --per_device_train_batch_size as given."
         },
     )
     target_token_loss: bool = field(

@@ -49,6 +49,7 @@ class RunConfig:
     generation: GenerationArguments
     run: RunArguments
     training: Seq2SeqTrainingArguments
+    given: frozenset = frozenset()  # the flags named in the input (set by hand), without their dashes
 
 
 def parse_args(method: str, args=None) -> RunConfig:
@@ -87,13 +88,23 @@ def _parse(method: str, parser, args) -> RunConfig:
         raise ArgumentsError(
             ["--deepspeed needs DeepSpeed, which is not installed: pip install -r requirements-deepspeed.txt"]
         ) from None
-    config = RunConfig(method, *parsed)
+    config = RunConfig(method, *parsed, given=_given_flags(args))
     type_problems = _type_problems(config)
     if type_problems:  # a .json file or dict is not type-converted like argv; the range checks need numbers
         raise ArgumentsError(type_problems)
     check_args(config)
     _fill_defaults(config)
     return config
+
+
+def _given_flags(args) -> frozenset:
+    """The names of the flags in argv, a dict or a .json file (``--per-device...`` spelled with underscores)."""
+    if isinstance(args, dict):
+        return frozenset(args)
+    if len(args) == 1 and args[0].endswith(".json"):
+        with open(os.path.abspath(args[0]), encoding="utf-8") as f:
+            return frozenset(json.load(f))
+    return frozenset(arg[2:].split("=", 1)[0].replace("-", "_") for arg in args if arg.startswith("--"))
 
 
 def check_args(config: RunConfig) -> None:
@@ -197,6 +208,15 @@ def _range_problems(config: RunConfig) -> list[str]:
     }.items():
         if value is not None and not 0 <= value < 1:
             problems.append(f"--{name} must be in [0, 1), got {value}")
+    if config.generation.cache_implementation not in (None, "static", "dynamic"):
+        problems.append(
+            f"--cache_implementation must be static or dynamic, got {config.generation.cache_implementation!r}"
+        )
+    budget = config.run.max_memory_gib
+    if budget is not None and budget <= 0:
+        problems.append(f"--max_memory_gib must be a positive number of GiB, got {budget}")
+    elif budget is not None and not _cuda_available():
+        problems.append(f"--max_memory_gib {budget} budgets GPU memory, and no CUDA GPU is visible here: remove it")
     if config.model.quantization_bit in (4, 8) and not _cuda_available():
         problems.append(
             f"--quantization_bit {config.model.quantization_bit} needs a CUDA GPU (bitsandbytes kernels), and none is "

@@ -31,14 +31,36 @@ SPLITS = {  # split -> (file flag, sample limit flag, task flag)
 
 
 def run(config: RunConfig) -> dict:
-    training = config.training
-    set_seed(training.seed)
+    set_seed(config.training.seed)
+    tokenizer, prompt_format, datasets = prepare_data(config)
+    model = build_model(config)
+    return run_tasks(config, model, tokenizer, prompt_format, datasets)
+
+
+def prepare_data(config: RunConfig) -> tuple:
+    """The tokenizer, the prompt format and every split the tasks need, tokenized (before the model loads)."""
     tokenizer = load_tokenizer(config.model)
     prompt_format = PromptFormat(config.data.prompt_template, tokenizer, config.data.source_prefix)
-    datasets = prepare_datasets(config, tokenizer, prompt_format)
+    return tokenizer, prompt_format, prepare_datasets(config, tokenizer, prompt_format)
+
+
+def build_model(config: RunConfig):
+    """The frozen base with the method attached, switched to the fast path where it applies."""
+    speed.memory.check_before_loading(config)
     model = attach_method(config, load_base_model(config.model))
     speed.prepare(config, model)
-    trainer = build_trainer(config, model, tokenizer, datasets, prompt_format)
+    return model
+
+
+def run_tasks(config: RunConfig, model, tokenizer, prompt_format: PromptFormat, datasets: dict, callbacks=()) -> dict:
+    """Train, evaluate and predict, as asked; the metrics of each. ``callbacks``: Trainer callbacks (benchmarks)."""
+    training = config.training
+    train_collator = training_collator(config, tokenizer)
+    if training.do_train:
+        speed.fit_memory(config, model, datasets["train"], train_collator)
+    trainer = build_trainer(config, model, tokenizer, datasets, prompt_format, train_collator)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     results = {}
     if training.do_train:
         results.update(train(trainer, config, len(datasets["train"])))
@@ -92,7 +114,15 @@ def log_trainable(model) -> None:
     logger.info("Trainable parameters: %s of %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
 
-def build_trainer(config: RunConfig, model, tokenizer, datasets: dict, prompt_format: PromptFormat) -> GlmtuneTrainer:
+def training_collator(config: RunConfig, tokenizer):
+    if config.run.padding_free:
+        return PaddingFreeCollator()
+    return Collator(tokenizer.pad_token_id, "right", with_target_index=True)
+
+
+def build_trainer(
+    config: RunConfig, model, tokenizer, datasets: dict, prompt_format: PromptFormat, train_collator
+) -> GlmtuneTrainer:
     training = config.training
     generating = training.predict_with_generate
     generate_kwargs = config.generation.to_generate_kwargs(config.data.val_max_target_length)
@@ -103,23 +133,22 @@ def build_trainer(config: RunConfig, model, tokenizer, datasets: dict, prompt_fo
         train_dataset=datasets.get("train"),
         eval_dataset=datasets.get("eval"),
         processing_class=tokenizer,
-        data_collator=(
-            PaddingFreeCollator()
-            if config.run.padding_free
-            else Collator(tokenizer.pad_token_id, "right", with_target_index=True)
-        ),
+        data_collator=train_collator,
         eval_collator=Collator(tokenizer.pad_token_id, "left" if generating else "right"),
         compute_metrics=ComputeMetrics(tokenizer) if generating else None,
         generate_kwargs=generate_kwargs,
+        generate_eagerly=bool(config.run.compile_layers),
         target_token_loss=config.run.target_token_loss,
     )
 
 
 def train(trainer: GlmtuneTrainer, config: RunConfig, samples: int) -> dict:
     checkpoint = resolve_checkpoint(config.training.resume_from_checkpoint, config.training.output_dir)
+    speed.memory.reset_peak()
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    peak = speed.memory.peak_metrics("train")  # users compare it with their card
     trainer.save_model()  # the final trained weights, in --output_dir itself
-    metrics = {**result.metrics, "train_samples": samples}
+    metrics = {**result.metrics, **peak, "train_samples": samples}
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()

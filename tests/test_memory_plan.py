@@ -1,0 +1,200 @@
+"""Fitting a run into a memory budget (glmtune.speed.memory): the plan it chooses, and that the choice does not
+change the training math."""
+
+import pytest
+import torch
+from conftest import TOY_TRAIN
+from safetensors.torch import load_file
+from test_trainer import run
+
+FLAGS = {
+    "ptuning": ["--pre_seq_len", "4", "--prefix_dropout", "0", "--learning_rate", "1e-2"],
+    "lora": ["--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0", "--learning_rate", "1e-2"],
+}
+WEIGHTS = {"ptuning": "prefix_encoder.safetensors", "lora": "adapter_model.safetensors"}
+
+
+def one_step(method, model_dir, out, micro_batch, accumulation, *flags):
+    """One optimizer step over the same 8 samples, split as asked; the trained weights."""
+    run(
+        method, model_dir, out, "--do_train", "--train_file", str(TOY_TRAIN), "--max_steps", "1", "--save_strategy",
+        "no", "--per_device_train_batch_size", str(micro_batch), "--gradient_accumulation_steps", str(accumulation),
+        "--max_train_samples", "8", "--optim", "sgd", "--max_grad_norm", "0", *FLAGS[method], *flags,
+    )  # fmt: skip
+    return load_file(str(out / WEIGHTS[method]))
+
+
+@pytest.mark.parametrize("loss", ["target_token", "transformers"])
+@pytest.mark.parametrize("method", ["ptuning", "lora"])
+def test_one_step_gives_the_same_update_whatever_the_split_and_checkpointing(tiny_model_dir, tmp_path, method, loss):
+    """Per target token of the whole effective batch (transformers' num_items_in_batch): 8 x 1, 1 x 8 and 2 x 4
+    with every other layer checkpointed train the same weights. SGD without clipping: the update is the gradient."""
+    splits = [
+        (8, 1, []),
+        (1, 8, []),
+        (
+            2,
+            4,
+            [
+                "--gradient_checkpointing",
+                "--gradient_checkpointing_kwargs",
+                '{"use_reentrant": false, "every_n_layers": 2}',
+            ],
+        ),
+    ]
+    loss_flags = ["--target_token_loss", str(loss == "target_token")]
+    results = [
+        one_step(method, tiny_model_dir, tmp_path / f"{m}x{a}", m, a, *flags, *loss_flags) for m, a, flags in splits
+    ]
+    start = one_step(method, tiny_model_dir, tmp_path / "start", 8, 1, "--learning_rate", "0", *loss_flags)
+    for name, value in results[0].items():
+        assert not torch.equal(value, start[name]) or method == "lora"  # LoRA's A moves only once B is non-zero
+        for other in results[1:]:
+            torch.testing.assert_close(other[name], value, atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(results[0][n], start[n]) for n in start)
+
+
+# ----------------------------------------------------------------------------- choosing a plan (no GPU needed)
+
+GIB = 2**30
+
+
+def probes(
+    weights=4.0, per_sample_full=0.5, per_sample_checkpointed=0.05, step=0.05, per_sample_time=0.01, recompute=1.5
+):
+    """What the prober measures on a 28-layer model: memory and time linear in the micro-batch."""
+    from glmtune.speed.memory import Probe
+
+    found = []
+    for share, slope, time_factor in ((0.0, per_sample_full, 1.0), (1.0, per_sample_checkpointed, recompute)):
+        for m in (1, 2, 4):
+            found.append(Probe(m, share, (weights + m * slope) * GIB, (step + m * per_sample_time) * time_factor))
+    return found
+
+
+def test_a_large_budget_runs_the_whole_effective_batch_at_once_without_checkpointing():
+    from glmtune.speed.memory import choose
+
+    best = choose(probes(), effective_batch=16, num_layers=28, budget_bytes=20 * GIB)[0]
+    assert (best.micro_batch, best.accumulation, best.every_n_layers) == (16, 1, None)
+    assert best.peak_bytes == pytest.approx((4.0 + 16 * 0.5) * GIB)
+
+
+def test_a_smaller_budget_checkpoints_just_enough_layers():
+    """9 GiB: 16 samples without checkpointing need 12 GiB, with every layer checkpointed 4.8 GiB, with every
+    second layer (14 of 28) 8.4 GiB, with every third (10) 9.4 GiB. With a large fixed cost per micro-step (as on
+    a 4-bit base, which dequantizes its weights every time), the fastest plan that fits is every second layer."""
+    from glmtune.speed.memory import choose
+
+    plans = choose(probes(step=0.2), effective_batch=16, num_layers=28, budget_bytes=9 * GIB)
+    best = plans[0]
+    assert (best.micro_batch, best.every_n_layers) == (16, 2)
+    assert best.peak_bytes == pytest.approx((4.0 + 16 * (0.5 - 0.45 * 14 / 28)) * GIB)
+    assert all(plan.peak_bytes <= 9 * GIB for plan in plans)
+    assert best.samples_per_s == max(plan.samples_per_s for plan in plans)
+
+
+def test_a_small_budget_checkpoints_every_layer():
+    from glmtune.speed.memory import choose
+
+    best = choose(probes(), effective_batch=16, num_layers=28, budget_bytes=6 * GIB)[0]
+    assert (best.micro_batch, best.every_n_layers) == (16, 1)
+
+
+def test_checkpointing_set_by_hand_is_kept():
+    from glmtune.speed.memory import choose
+
+    off = [p for p in probes() if p.checkpointed == 0.0]
+    plans = choose(off, effective_batch=16, num_layers=28, budget_bytes=6 * GIB, every_n_layers=None)
+    assert plans and all(plan.every_n_layers is None for plan in plans)
+    assert max(plan.micro_batch for plan in plans) == 4  # 4 + 4 x 0.5 = 6 GiB
+
+
+def test_a_budget_nothing_fits_is_one_error_naming_what_would(tiny_model_dir):
+    from glmtune.errors import GlmtuneError
+    from glmtune.speed.memory import Probe, fit
+
+    measured = probes()
+
+    class Replay:  # the prober's measurements, replayed: the choice and the error are what is tested
+        num_layers = 28
+
+        def __call__(self, micro_batch, every_n_layers, repeats=2):
+            share = 0.0 if every_n_layers is None else 1.0
+            return (
+                next(p for p in measured if p.micro_batch == micro_batch and p.checkpointed == share)
+                if micro_batch in (1, 2, 4)
+                else Probe(micro_batch, share, None, None)
+            )
+
+    with pytest.raises(GlmtuneError) as error:
+        fit(Replay(), effective_batch=16, budget_bytes=3 * GIB)
+    message = str(error.value)
+    assert message.startswith("--max_memory_gib 3: no micro-batch fits")
+    assert "needs 4.0 GiB" in message and "\n" not in message
+
+
+def test_train_results_hold_the_peak_memory(tiny_model_dir, tmp_path):
+    import json
+
+    run(
+        "lora",
+        tiny_model_dir,
+        tmp_path / "out",
+        "--do_train",
+        "--train_file",
+        str(TOY_TRAIN),
+        "--max_steps",
+        "2",
+        "--save_strategy",
+        "no",
+        "--max_train_samples",
+        "8",
+        *FLAGS["lora"],
+    )
+    results = json.loads((tmp_path / "out" / "train_results.json").read_text())
+    key = "train_peak_gpu_memory_gib" if torch.cuda.is_available() else "train_peak_host_memory_gib"
+    assert results[key] > 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="memory budgets are GPU memory")
+@pytest.mark.parametrize("method", ["ptuning", "lora"])
+def test_a_run_fits_its_budget_on_the_gpu(tiny_model_dir, tmp_path, method, caplog):
+    """Half of what 16 long samples at once need: the plan splits the batch or checkpoints, and the run's measured
+    peak (reserved memory, what a smaller card must hold) stays inside the budget."""
+    import json
+    import logging
+
+    flags = ["--do_train", "--train_file", str(TOY_TRAIN), "--max_steps", "2", "--save_strategy", "no",
+             "--max_train_samples", "32", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "16",
+             "--max_source_length", "256", "--max_target_length", "256", *FLAGS[method]]  # fmt: skip
+    run(method, tiny_model_dir, tmp_path / "whole", *flags, "--per_device_train_batch_size", "16",
+        "--gradient_accumulation_steps", "1", "--fit_memory", "False")  # fmt: skip
+    whole = json.loads((tmp_path / "whole" / "train_results.json").read_text())["train_peak_gpu_reserved_gib"]
+    caplog.set_level(logging.INFO)
+    budget = round(whole / 2, 3)
+    run(method, tiny_model_dir, tmp_path / "out", *flags, "--max_memory_gib", str(budget))
+    results = json.loads((tmp_path / "out" / "train_results.json").read_text())
+    assert results["train_peak_gpu_reserved_gib"] <= budget
+    assert any("Memory plan for" in record.message for record in caplog.records)
+
+
+def test_a_budget_below_the_weights_is_refused_before_loading(tiny_model_dir, tmp_path):
+    """The weight files say how much the base takes at least (scaled to 4/8 bits): no need to load it to know."""
+    from glmtune.errors import GlmtuneError
+    from glmtune.parsing import parse_args
+    from glmtune.speed.memory import check_before_loading
+
+    weights = sum(f.stat().st_size for f in tiny_model_dir.glob("*.safetensors")) / 2**30
+    config = parse_args("lora", ["--do_train", "--train_file", str(TOY_TRAIN), "--model_name_or_path",
+                                 str(tiny_model_dir), "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    # The tiny model's files are float32; loaded in 16 bits it takes half. The flag needs a GPU, the check only files.
+    config.run.max_memory_gib = weights * 0.4
+    with pytest.raises(GlmtuneError, match=r"^--max_memory_gib [0-9.e-]+: the base's weights alone take at least"):
+        check_before_loading(config)
+    config.model.quantization_bit = 4  # an eighth of the files' width fits
+    check_before_loading(config)
+    config.run.max_memory_gib = weights * 2
+    config.model.quantization_bit = None
+    check_before_loading(config)
