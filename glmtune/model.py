@@ -91,6 +91,8 @@ def load_base_model(model_args: ModelArguments):
     if model_args.quantization_bit:
         kwargs["quantization_config"] = quantization_config(model_args.quantization_bit, dtype)
         kwargs["device_map"] = {"": torch.cuda.current_device()}  # bitsandbytes quantizes on the GPU
+    if model_args.quantization_bit == 8:
+        _say_int8_casting_once()
     path = model_args.model_name_or_path
     model_class = AutoModelForCausalLM
     if chatglm.is_chatglm_folder(path):
@@ -104,6 +106,28 @@ def load_base_model(model_args: ModelArguments):
     model.config.use_cache = False  # the cache only helps generation, which turns it back on
     logger.info("Loaded %s (%s, %.1fM parameters)", path, dtype, model.num_parameters() / 1e6)
     return model
+
+
+class _FirstOnly(logging.Filter):
+    """Lets the first record that starts with ``prefix`` through and drops the ones after it."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
+def _say_int8_casting_once() -> None:
+    """bitsandbytes' 8-bit product casts bf16 activations to fp16 and logs it on every call (thousands of lines
+    per evaluation); once is enough to say it."""
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _FirstOnly) for f in bnb_logger.filters):
+        bnb_logger.addFilter(_FirstOnly("MatMul8bitLt: inputs will be cast"))
 
 
 def base_causal_lm(model):

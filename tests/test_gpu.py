@@ -92,3 +92,21 @@ def test_original_chatglm_on_quantized_base_trains_and_generates(version, bits, 
     prompt = tokenizer(["类型#裙*颜色#蓝色"], return_tensors="pt").to("cuda")
     out = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] == prompt["input_ids"].shape[1] + 4 or tokenizer.eos_token_id in out[0].tolist()
+
+
+@pytest.mark.parametrize("method", ["ptuning", "lora"])
+def test_int8_base_trains_in_bf16_and_says_the_cast_once(tiny_model_dir, tmp_path, method, caplog):
+    """An 8-bit base: training runs its layers dequantized in bf16 (no bitsandbytes cast), and the whole run,
+    evaluation's generation included, logs bitsandbytes' float16 cast at most once."""
+    import logging
+
+    from conftest import TOY_DEV, TOY_TRAIN
+    from test_trainer import METHOD_FLAGS, run
+
+    caplog.set_level(logging.WARNING, logger="bitsandbytes")
+    run(method, tiny_model_dir, tmp_path / "out", "--do_train", "--train_file", str(TOY_TRAIN), "--max_steps", "3",
+        "--save_strategy", "no", "--quantization_bit", "8", "--do_predict", "--test_file", str(TOY_DEV),
+        "--max_predict_samples", "8", *METHOD_FLAGS[method])  # fmt: skip
+    casts = [r for r in caplog.records if r.getMessage().startswith("MatMul8bitLt: inputs will be cast")]
+    assert len(casts) <= 1
+    assert (tmp_path / "out" / "generated_predictions.txt").is_file()

@@ -9,7 +9,8 @@ more time than the base's own matrix products did for P-Tuning v2 (docs/benchmar
 Here the branch runs as mixed precision does: the float32 LoRA weights (which the optimizer updates)
 are cast to the base's dtype for the product, and ``addmm_`` adds ``(dropout(x) A^T s) B^T`` to the
 base output, in place, in the product's epilogue. Same parameters, same dropout draws, same function; with a
-float32 base it is PEFT's computation, in bf16 it differs by bf16 rounding only.
+float32 base it is PEFT's computation, in bf16 it differs by bf16 rounding only. On a 4/8-bit base
+(bitsandbytes) the base output is in the compute dtype too, and the branch is added to it the same way.
 """
 
 import types
@@ -20,20 +21,31 @@ from torch import nn
 
 
 def lora_in_base_dtype(model) -> int:
-    """Switch every plain (nn.Linear-based, non-DoRA) PEFT LoRA layer of ``model``; returns how many.
-
-    Quantized layers (bitsandbytes) and LoRA variants keep PEFT's own forward.
-    """
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-    except ImportError:
-        return 0
+    """Switch every PEFT LoRA layer of ``model`` on a plain or bitsandbytes linear base (not LoRA variants such
+    as DoRA, which keep PEFT's own forward); returns how many."""
     switched = 0
+    lora_layers = _lora_layer_types()
     for module in model.modules():
-        if type(module) is LoraLinear and type(module.get_base_layer()) is nn.Linear and not module.lora_variant:
+        base = lora_layers.get(type(module))
+        if base is not None and type(module.get_base_layer()) is base and not module.lora_variant:
             module.forward = types.MethodType(_forward_in_base_dtype, module)
             switched += 1
     return switched
+
+
+def _lora_layer_types() -> dict:
+    """PEFT's LoRA layer class -> the base layer class it wraps."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:
+        return {}
+    types_ = {LoraLinear: nn.Linear}
+    try:
+        import bitsandbytes as bnb
+        from peft.tuners.lora import bnb as lora_bnb
+    except ImportError:
+        return types_
+    return {**types_, lora_bnb.Linear8bitLt: bnb.nn.Linear8bitLt, lora_bnb.Linear4bit: bnb.nn.Linear4bit}
 
 
 def _forward_in_base_dtype(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -44,9 +56,12 @@ def _forward_in_base_dtype(self, x: torch.Tensor, *args, **kwargs) -> torch.Tens
     result = self.base_layer(x)
     dtype = result.dtype
     # In place: the base product is not kept for backward, and an out-of-place addmm first copies it whole.
-    flat = result.view(-1, result.shape[-1])
+    # bitsandbytes' products come out of custom autograd functions, whose outputs cannot be changed in place.
+    in_place = type(self.get_base_layer()) is nn.Linear
+    shape, flat = result.shape, result.view(-1, result.shape[-1])
     for name in active:
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         low_rank = F.linear(self.lora_dropout[name](x.to(dtype)), lora_A.weight.to(dtype)) * self.scaling[name]
-        flat.addmm_(low_rank.reshape(-1, low_rank.shape[-1]), lora_B.weight.to(dtype).t())
-    return result
+        low_rank, up = low_rank.reshape(-1, low_rank.shape[-1]), lora_B.weight.to(dtype).t()
+        flat = flat.addmm_(low_rank, up) if in_place else torch.addmm(flat, low_rank, up)
+    return flat.view(shape)
