@@ -35,11 +35,16 @@ PREDICTIONS_FILE = "generated_predictions.txt"
 
 
 class GlmtuneTrainer(Seq2SeqTrainer):
-    def __init__(self, *args, eval_collator=None, generate_kwargs: dict | None = None, **kwargs):
+    def __init__(
+        self, *args, eval_collator=None, generate_kwargs: dict | None = None, generate_eagerly=False, **kwargs
+    ):
+        """``generate_eagerly``: the decoder layers were compiled for training; with a KV cache they would be
+        recompiled for every layer, so generation runs them eagerly."""
         allow_quantized_base(kwargs.get("model"))
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator or self.data_collator
         self.generate_kwargs = generate_kwargs or {}
+        self.generation_stance = "force_eager" if generate_eagerly else "default"
         if self.args.device.type == "cpu" and self.args.device.index is not None:
             _load_cpu_indexed_storage()
 
@@ -144,8 +149,7 @@ class GlmtuneTrainer(Seq2SeqTrainer):
         prompt = inputs["input_ids"]
         # ZeRO-3: every rank takes part in each forward, so all keep generating until the longest is done.
         gen_kwargs.setdefault("synced_gpus", is_deepspeed_zero3_enabled())
-        # Compiled layers (--compile_layers) are compiled for training; the KV cache would recompile them per layer.
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        with torch.no_grad(), torch.compiler.set_stance(self.generation_stance):
             generated = self.model.generate(
                 input_ids=prompt, attention_mask=inputs["attention_mask"], **{**self.generate_kwargs, **gen_kwargs}
             )
