@@ -3,6 +3,7 @@
     python scripts/benchmark.py                 # ChatGLM3-6B-shaped GLM, random weights, all rows (H200: 7 min)
     python scripts/benchmark.py --rows train    # or: eval, or a comma list of row names (see ROWS)
     python scripts/benchmark.py --tiny          # a 2-layer model, to check the script itself (CPU works)
+    python scripts/benchmark.py --rows recipe   # the ancestors' recipe within memory budgets (benchmark_recipe.py)
     python scripts/benchmark.py --rows pt-bf16-throughput --batches 8,16 --profile out/   # batch search, kernels
 
 Both sides run the same model folder, the same synthetic samples and the same step counts, in one
@@ -38,6 +39,8 @@ from glmtune.model import load_base_model, quantization_config
 from glmtune.ptuning import add_prefix_encoder
 from glmtune.speed import FastStepTrainer, compile_decoder_layers
 from glmtune.speed.attention import use_fast_attention
+from glmtune.speed.fast_lora import lora_in_base_dtype
+from glmtune.speed.int8 import dequantized_int8_training
 from glmtune.trainer import GlmtuneTrainer
 
 PEAK_FLOPS = 800e12
@@ -99,6 +102,7 @@ class Result:
     mfu: float
     loss: float
     losses: list = None
+    note: str = ""
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -306,7 +310,7 @@ def _kernel_family(name: str) -> str:
 
 
 def training_args(
-    output_dir: str, setting: dict, steps: int, logging_steps: int, glmtune: bool
+    output_dir: str, setting: dict, steps: int, logging_steps: int, glmtune: bool, accumulation: int = 1
 ) -> Seq2SeqTrainingArguments:
     """Logging reads the loss back from the GPU (a sync): once, when the timed window ends, for both sides."""
     extra = {}
@@ -321,6 +325,7 @@ def training_args(
     return Seq2SeqTrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=setting["batch"],
+        gradient_accumulation_steps=accumulation,
         max_steps=steps,
         learning_rate=1e-4,
         report_to="none",
@@ -334,13 +339,14 @@ def training_args(
     )
 
 
-def measure(trainer, setting: dict, args, row, impl, precision, n_flops) -> Result:
+def measure(trainer, setting: dict, args, row, impl, precision, n_flops, accumulation: int = 1) -> Result:
     timer = StepTimer(args.warmup, args.steps, args.profile if impl == "glmtune" else None, f"{row}-{setting['batch']}")
     trainer.add_callback(timer)
     counter = trainer.data_collator = TokenCounter(trainer.data_collator)
     reset_peak_memory()
     trainer.train()
-    timed = slice(args.warmup, args.warmup + args.steps)  # batch i is trained at step i + 1
+    # micro-batch i is trained at optimizer step i // accumulation + 1
+    timed = slice(args.warmup * accumulation, (args.warmup + args.steps) * accumulation)
     tokens, samples = sum(counter.tokens[timed]), sum(counter.samples[timed])
     seconds = timer.end - timer.start
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]  # one entry: the mean over the run's steps
@@ -350,7 +356,8 @@ def measure(trainer, setting: dict, args, row, impl, precision, n_flops) -> Resu
         row,
         impl,
         precision,
-        f"{setting['batch']}x{setting['source'][1] + setting['target'][1]}",
+        f"{setting['batch']}{f' x {accumulation}' if accumulation > 1 else ''}"
+        f"x{setting['source'][1] + setting['target'][1]}",
         tokens_per_s,
         samples / seconds,
         peak,
@@ -392,6 +399,10 @@ def run_glmtune(folder, row, method, bits, setting, args) -> Result:
         model = add_lora(model, LoraArguments(lora_rank=8, lora_alpha=32, lora_dropout=0.0, lora_target="all"))
     if args.padding_free:  # as train.sh on a CUDA GPU (glmtune.speed.prepare)
         use_fast_attention(model)
+    if bits == 8:  # as glmtune.speed.prepare for training
+        dequantized_int8_training(model, torch.bfloat16)
+    if torch.cuda.is_available():
+        lora_in_base_dtype(model)
     if compiled(args, bits):
         compile_decoder_layers(model)
     steps = total_steps(args, "glmtune")
@@ -411,7 +422,8 @@ def compiled(args, bits) -> bool:
     return args.compile_layers if args.compile_layers is not None else (bits is None and torch.cuda.is_available())
 
 
-def run_naive(folder, row, method, bits, setting, args) -> Result:
+def run_naive(folder, row, method, bits, setting, args, samples=None, accumulation: int = 1) -> Result:
+    """``samples``: tokenized samples to train on (default: synthetic ones of the setting's lengths)."""
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, default_data_collator
 
@@ -432,13 +444,14 @@ def run_naive(folder, row, method, bits, setting, args) -> Result:
     torch.manual_seed(0)
     model = get_peft_model(model, config)
     steps = total_steps(args, "naive")
-    samples = synthetic_samples(sample_count(args, setting), setting, model.config.vocab_size)
+    if samples is None:
+        samples = synthetic_samples(sample_count(args, setting), setting, model.config.vocab_size)
     padded = pad_to_max(samples, setting["source"][1] + setting["target"][1])
     train_args = training_args(
-        args.scratch, {**setting, "checkpointing": False}, steps, args.warmup + args.steps, False
+        args.scratch, {**setting, "checkpointing": False}, steps, args.warmup + args.steps, False, accumulation
     )
     trainer = Trainer(model=model, args=train_args, train_dataset=padded, data_collator=default_data_collator)
-    return measure(trainer, setting, args, row, "naive", _precision(bits), flops_per_token(folder))
+    return measure(trainer, setting, args, row, "naive", _precision(bits), flops_per_token(folder), accumulation)
 
 
 def _precision(bits) -> str:
@@ -449,62 +462,70 @@ def _precision(bits) -> str:
 
 
 def run_generation(folder, args) -> list:
-    """Greedy, 64 new tokens, ADGEN-length prompts: glmtune's batched predict vs one prompt at a time."""
-    model = load_base_model(ModelArguments(model_name_or_path=folder, torch_dtype="bfloat16"))
-    model = add_prefix_encoder(model, PtuningArguments(pre_seq_len=PRE_SEQ_LEN, prefix_dropout=0.0)).eval()
-    samples = synthetic_samples(args.prompts, {"source": (24, 64), "target": (1, 1)}, model.config.vocab_size)
+    """Greedy, 64 new tokens, ADGEN-length prompts, glmtune's batched predict for a P-Tuning v2 prefix and a LoRA
+    adapter, with the dynamic and the static key/value cache (its answers compared with the dynamic one's); and
+    one prompt at a time (prefix, dynamic cache)."""
+    vocab = GlmConfig.from_pretrained(folder).vocab_size
+    samples = synthetic_samples(args.prompts, {"source": (24, 64), "target": (1, 1)}, vocab)
     prompts = [{"input_ids": s["input_ids"][:-1], "labels": s["input_ids"][-1:]} for s in samples]
-    generate = dict(
-        max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0, eos_token_id=2, use_cache=True
-    )
+    results = []
+    for method in ("ptuning", "lora"):
+        model = _generation_model(folder, method)
+        answers = {}
+        for cache in ("dynamic", "static"):
+            rate, peak, answers[cache] = _predict(model, prompts, args, cache)
+            same = "" if cache == "dynamic" else f"{sum(map(list.__eq__, answers[cache], answers['dynamic']))} same"
+            shape = f"{len(prompts)} prompts, bs {args.eval_batch}"
+            results.append(Result("generate", f"{method} {cache}", "bf16", shape, rate, rate / 64, peak, 0,
+                                  float("nan"), note=same))  # fmt: skip
+        if method == "ptuning":
+            results.append(_one_at_a_time(model, prompts[: args.single_prompts]))
+        del model
+        free_memory()
+    return results
+
+
+GENERATE = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0, eos_token_id=2, use_cache=True)
+
+
+def _generation_model(folder, method):
+    model = load_base_model(ModelArguments(model_name_or_path=folder, torch_dtype="bfloat16"))
+    torch.manual_seed(0)
+    if method == "ptuning":
+        return add_prefix_encoder(model, PtuningArguments(pre_seq_len=PRE_SEQ_LEN, prefix_dropout=0.0)).eval()
+    model = add_lora(model, LoraArguments(lora_rank=8, lora_alpha=32, lora_dropout=0.0, lora_target="all"))
+    for name, parameter in model.named_parameters():  # B = 0 at initialisation: the adapter would change nothing
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    return model.eval()
+
+
+def _predict(model, prompts, args, cache: str) -> tuple:
+    """New tokens per second, peak GiB and the generated ids of every prompt (the first batch is a warm-up)."""
     eval_args = Seq2SeqTrainingArguments(
-        output_dir=args.scratch,
-        per_device_eval_batch_size=args.eval_batch,
-        report_to="none",
-        predict_with_generate=True,
-        disable_tqdm=True,
-        remove_unused_columns=False,
+        output_dir=args.scratch, per_device_eval_batch_size=args.eval_batch, report_to="none",
+        predict_with_generate=True, disable_tqdm=True, remove_unused_columns=False,
         use_cpu=not torch.cuda.is_available(),
-    )
+    )  # fmt: skip
+    generate = {**GENERATE, **({"cache_implementation": "static"} if cache == "static" else {})}
     trainer = GlmtuneTrainer(model=model, args=eval_args, data_collator=Collator(0, "left"), generate_kwargs=generate)
-    trainer.predict(prompts[: args.eval_batch])  # warm-up
+    trainer.predict(prompts[: args.eval_batch])  # warm-up (and, with the static cache, compilation)
     reset_peak_memory()
     start = time.perf_counter()
-    trainer.predict(prompts)
-    batched, batched_peak = len(prompts) * 64 / (time.perf_counter() - start), peak_memory_gib()
-    single_prompts = prompts[: args.single_prompts]
-    device = model.device
+    output = trainer.predict(prompts)
+    rate = len(prompts) * 64 / (time.perf_counter() - start)
+    return rate, peak_memory_gib(), [list(row) for row in output.predictions.tolist()]
+
+
+def _one_at_a_time(model, prompts) -> Result:
     reset_peak_memory()
     start = time.perf_counter()
-    for prompt in single_prompts:
-        ids = torch.tensor([prompt["input_ids"]], device=device)
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **generate)
-    single = len(single_prompts) * 64 / (time.perf_counter() - start)
-    shape = f"{len(prompts)} prompts"
-    return [
-        Result(
-            "generate",
-            "glmtune batched",
-            "bf16",
-            f"{shape}, bs {args.eval_batch}",
-            batched,
-            batched / 64,
-            batched_peak,
-            0,
-            float("nan"),
-        ),
-        Result(
-            "generate",
-            "one at a time",
-            "bf16",
-            f"{len(single_prompts)} prompts, bs 1",
-            single,
-            single / 64,
-            peak_memory_gib(),
-            0,
-            float("nan"),
-        ),
-    ]
+    for prompt in prompts:
+        ids = torch.tensor([prompt["input_ids"]], device=model.device)
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **GENERATE)
+    rate = len(prompts) * 64 / (time.perf_counter() - start)
+    return Result("generate", "one at a time", "bf16", f"{len(prompts)} prompts, bs 1", rate, rate / 64,
+                  peak_memory_gib(), 0, float("nan"))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- main
@@ -526,10 +547,13 @@ def print_table(results: list) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        base = naive.get((r.row, r.shape)) if r.impl == "glmtune" else (single if r.impl == "glmtune batched" else None)
+        batched = r.row == "generate" and r.impl != "one at a time"
+        base = naive.get((r.row, r.shape)) if r.impl == "glmtune" else (single if batched else None)
         ratio = f"{r.tokens_per_s / base.tokens_per_s:.2f}x" if base else ""
         if base and r.impl == "glmtune" and not math.isnan(r.peak_gib):  # no memory figure without CUDA
             ratio += f", {r.peak_gib / base.peak_gib:.2f}x"
+        if r.note:  # the static cache's answers: how many equal the dynamic cache's
+            ratio += f"; {r.note}"
         mfu = f"{100 * r.mfu:.1f}%" if r.mfu else ""
         peak, loss = (
             "" if math.isnan(value) else f"{value:.{digits}f}" for value, digits in ((r.peak_gib, 2), (r.loss, 4))
@@ -579,9 +603,24 @@ def main() -> None:
         default=True,
         help="glmtune rows: padding-free batches, as train.sh on a GPU (--no-padding_free: padded)",
     )
+    recipe = parser.add_argument_group("recipe section (--rows recipe; scripts/benchmark_recipe.py)")
+    recipe.add_argument("--budgets", default="6,8,16,24", help="GiB: the cards emulated")
+    recipe.add_argument("--precisions", default="nf4,int8,bf16")
+    recipe.add_argument("--recipe_methods", default="ptuning,lora")
+    recipe.add_argument(
+        "--shared",
+        default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared"),
+        help="the shared material: the real chatglm3 tokenizer and AdvertiseGen rows (default: ../shared)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, to check this script")
     parser.add_argument("--json", default=None, help="also append the results here, a JSON line per row as it ends")
     args = parser.parse_args()
+    if args.rows == "recipe":
+        import benchmark_recipe  # beside this script
+
+        print(environment(), flush=True)
+        benchmark_recipe.run(args, args.shared)
+        return
     wanted = [name for name, *_ in ROWS] if args.rows in ("all", "train") else args.rows.split(",")  # in this order
     impls = args.impl.split(",")
     results = []
@@ -597,8 +636,9 @@ def main() -> None:
     ensure_model(args.model, TINY if args.tiny else CHATGLM3_6B)
     for name, method, bits, setting_name in (rows[name] for name in wanted):  # in the order asked for
         if name == "generate":  # where the list puts it: a run cut short keeps the rows before it
-            results += run_generation(args.model, args)
-            for result in results[-2:]:
+            generated = run_generation(args.model, args)
+            results += generated
+            for result in generated:
                 save_json(args.json, result)
             continue
         if bits and not torch.cuda.is_available():

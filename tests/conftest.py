@@ -11,7 +11,9 @@ from scripts import build_tiny_model as tiny
 REPO = Path(__file__).resolve().parents[1]
 TOY_TRAIN = REPO / "data" / "adgen-toy" / "train.json"
 TOY_DEV = REPO / "data" / "adgen-toy" / "dev.json"
-SHARED = REPO.parent / "shared"  # test material beside the checkout (also in CI): real data, golden outputs
+# Test material beside the checkout (also in CI): real data, golden outputs; GLMTUNE_SHARED points elsewhere
+# (a GPU machine gets a copy inside the checkout).
+SHARED = Path(os.environ.get("GLMTUNE_SHARED", REPO.parent / "shared"))
 GOLDEN = SHARED / "golden"
 SHARED_MISSING = (
     f"../shared is missing ({SHARED}): the real ChatGLM tokenizers, AdvertiseGen rows and golden "
