@@ -2,6 +2,7 @@
 one clear ``error:`` line per problem and exit status 2 (no traceback)."""
 
 import logging
+import sys
 
 from glmtune.errors import GlmtuneError, exit_with
 
@@ -9,10 +10,14 @@ from glmtune.errors import GlmtuneError, exit_with
 def main(method: str, argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     from glmtune.parsing import parse_args  # imported here so that --help stays fast
+    from glmtune.runs import RunFinished
     from glmtune.workflow import run
 
     try:
         return run(parse_args(method, argv))
+    except RunFinished as finished:  # not an error: the run asked for is complete
+        print(f"glmtune: {finished}", file=sys.stderr)
+        sys.exit(0)
     except GlmtuneError as error:
         exit_with(error)
     finally:

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 
+import torch
 from safetensors import SafetensorError
 
 from glmtune import chatglm
@@ -34,12 +35,14 @@ def add_lora(model, args: LoraArguments):
         return load_adapter(model, args.lora_checkpoint)
     from peft import LoraConfig, get_peft_model
 
+    targets = lora_targets(args.lora_target, model.config)
+    _check_targets(model, targets, args.lora_target)
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=lora_targets(args.lora_target, model.config),
+        target_modules=targets,
     )
     try:
         return get_peft_model(model, config)
@@ -65,6 +68,34 @@ def lora_targets(spec: str, model_config=None):
     if spec.strip() == "all":
         return list(CHATGLM_TARGETS) if chatglm.is_chatglm_config(model_config) else "all-linear"
     return [name.strip() for name in spec.split(",") if name.strip()]
+
+
+def check_targets_early(model_args, spec: str) -> None:
+    """--lora_target checked on the base's shape alone (an empty copy on the meta device: no weights read), so
+    that a typo stops the run before the data is tokenized and the base loaded."""
+    from glmtune.model import empty_model
+
+    model = empty_model(model_args)
+    if model is not None:
+        _check_targets(model, lora_targets(spec, model.config), spec)
+
+
+def _check_targets(model, targets, spec: str) -> None:
+    """Every name given must adapt something: PEFT refuses only when none matches, and drops the others silently."""
+    if isinstance(targets, str):  # "all-linear": PEFT's own rule
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_linear(m)} - {""})
+        raise GlmtuneError(
+            f"--lora_target {spec}: no module named {', '.join(missing)} in this model; its linear layers: "
+            f"{', '.join(linear)} (or all)"
+        )
+
+
+def _is_linear(module) -> bool:
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear8bitLt", "Linear4bit")
 
 
 def is_checkpoint(folder: str) -> bool:

@@ -4,6 +4,7 @@ the fast path (``glmtune.speed``)."""
 import logging
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from glmtune import chatglm
@@ -100,7 +101,7 @@ def load_base_model(model_args: ModelArguments):
         kwargs.pop("trust_remote_code")
     try:
         model = model_class.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, SafetensorError) as error:  # SafetensorError: a truncated file
         raise GlmtuneError(f"--model_name_or_path {path}: cannot load the model: {_summary(error)}") from None
     model.requires_grad_(False)
     model.config.use_cache = False  # the cache only helps generation, which turns it back on
@@ -128,6 +129,21 @@ def _say_int8_casting_once() -> None:
     bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _FirstOnly) for f in bnb_logger.filters):
         bnb_logger.addFilter(_FirstOnly("MatMul8bitLt: inputs will be cast"))
+
+
+def empty_model(model_args: ModelArguments):
+    """The base's modules without weights (on the meta device: nothing allocated, nothing read but the config),
+    or None where it cannot be built that way."""
+    path = model_args.model_name_or_path
+    model_class = chatglm.causal_lm_class(path) if chatglm.is_chatglm_folder(path) else AutoModelForCausalLM
+    try:
+        config = load_config(model_args)
+        with torch.device("meta"):
+            if model_class is AutoModelForCausalLM:
+                return AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
+            return model_class(config)
+    except Exception:  # noqa: BLE001 - only an early check: loading the base reports what is wrong
+        return None
 
 
 def base_causal_lm(model):

@@ -4,7 +4,6 @@ All cross-argument checks live in :func:`check_args`; it gathers every problem a
 user fixing a script sees the whole list instead of one error per run.
 """
 
-import glob
 import json
 import os
 import sys
@@ -13,6 +12,7 @@ from dataclasses import dataclass, fields
 
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
+from glmtune import ranges
 from glmtune.arguments import (
     DTYPES,
     LORA_DEFAULTS,
@@ -25,6 +25,7 @@ from glmtune.arguments import (
 )
 from glmtune.errors import ArgumentsError
 from glmtune.prompt import TEMPLATES
+from glmtune.runs import previous_run_problems
 
 METHODS = ("ptuning", "lora")
 DATA_EXTENSIONS = (".json", ".jsonl")
@@ -52,11 +53,18 @@ class RunConfig:
     given: frozenset = frozenset()  # the flags named in the input (set by hand), without their dashes
 
 
+class _Parser(HfArgumentParser):
+    """argparse prints its whole usage (hundreds of lines) before a bad value's message: one line instead."""
+
+    def error(self, message):
+        raise ArgumentsError([message])
+
+
 def parse_args(method: str, args=None) -> RunConfig:
     """Parse argv, a single .json path, or a dict; validate; fill method defaults. Touches no environment."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser = _Parser(ARGUMENT_CLASSES)
     args = sys.argv[1:] if args is None else args
     try:
         return _parse(method, parser, args)
@@ -112,6 +120,7 @@ def check_args(config: RunConfig) -> None:
         _method_problems(config)
         + _range_problems(config)
         + _task_problems(config)
+        + _report_to_problems(config)
         + _path_problems(config)
         + _distributed_problems(config)
     )
@@ -184,38 +193,13 @@ def _range_problems(config: RunConfig) -> list[str]:
         problems.append(
             "--prompt_template raw has no place for history: drop --history_column or pick another template"
         )
-    positive = {
-        "max_source_length": data.max_source_length,
-        "max_target_length": data.max_target_length,
-        "val_max_target_length": data.val_max_target_length,
-        "max_train_samples": data.max_train_samples,
-        "max_eval_samples": data.max_eval_samples,
-        "max_predict_samples": data.max_predict_samples,
-        "pre_seq_len": config.ptuning.pre_seq_len,
-        "prefix_hidden_size": config.ptuning.prefix_hidden_size,
-        "lora_rank": config.lora.lora_rank,
-        "max_new_tokens": config.generation.max_new_tokens,
-        "num_beams": config.generation.num_beams,
-    }
-    problems += [
-        f"--{name} must be a positive integer, got {value}"
-        for name, value in positive.items()
-        if value is not None and value <= 0
-    ]
-    for name, value in {
-        "prefix_dropout": config.ptuning.prefix_dropout,
-        "lora_dropout": config.lora.lora_dropout,
-    }.items():
-        if value is not None and not 0 <= value < 1:
-            problems.append(f"--{name} must be in [0, 1), got {value}")
+    problems += ranges.problems(config)
     if config.generation.cache_implementation not in (None, "static", "dynamic"):
         problems.append(
             f"--cache_implementation must be static or dynamic, got {config.generation.cache_implementation!r}"
         )
     budget = config.run.max_memory_gib
-    if budget is not None and budget <= 0:
-        problems.append(f"--max_memory_gib must be a positive number of GiB, got {budget}")
-    elif budget is not None and not _cuda_available():
+    if budget is not None and not _cuda_available():
         problems.append(f"--max_memory_gib {budget} budgets GPU memory, and no CUDA GPU is visible here: remove it")
     if config.model.quantization_bit in (4, 8) and not _cuda_available():
         problems.append(
@@ -223,6 +207,18 @@ def _range_problems(config: RunConfig) -> list[str]:
             "visible here: remove the flag to use the full-precision base"
         )
     return problems
+
+
+def _report_to_problems(config: RunConfig) -> list[str]:
+    """A logging integration that is not installed fails when the Trainer is built, after the model loaded."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    wanted = [name for name in (config.training.report_to or []) if name not in ("none", "all")]
+    missing = [name for name in wanted if name not in get_available_reporting_integrations()]
+    if not missing:
+        return []
+    installed = ", ".join(get_available_reporting_integrations()) or "none"
+    return [f"--report_to {', '.join(missing)}: not installed here (installed: {installed}; or --report_to none)"]
 
 
 def _task_problems(config: RunConfig) -> list[str]:
@@ -283,18 +279,11 @@ def _output_dir_problems(config: RunConfig) -> list[str]:
         return [f"--output_dir {training.output_dir}: cannot be created, {ancestor} is not a folder"]
     if not os.access(ancestor, os.W_OK | os.X_OK):
         return [f"--output_dir {training.output_dir}: cannot be written, {ancestor} is not writable"]
-    if not training.do_train or config.run.overwrite_output_dir or training.resume_from_checkpoint:
-        return []
-    if glob.glob(os.path.join(training.output_dir, "checkpoint-*")):
-        return [
-            f"--output_dir {training.output_dir} already holds checkpoints of another run: add "
-            "--overwrite_output_dir to train over it, --resume_from_checkpoint to continue it, or pick a new folder"
-        ]
-    return []
+    return previous_run_problems(config)
 
 
 def _resume_problems(config: RunConfig) -> list[str]:
-    """A --resume_from_checkpoint folder must exist before anything is written (see workflow.resolve_checkpoint)."""
+    """A --resume_from_checkpoint folder must exist before anything is written (glmtune.runs checks the rest)."""
     resume = config.training.resume_from_checkpoint
     if not config.training.do_train or resume is None or str(resume).lower() in ("last", "true"):
         return []

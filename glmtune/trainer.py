@@ -27,7 +27,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from glmtune import ptuning
+from glmtune import ptuning, runs
 from glmtune.generation import blank_stop_tokens
 from glmtune.metrics import decode_texts
 
@@ -36,15 +36,23 @@ PREDICTIONS_FILE = "generated_predictions.txt"
 
 class GlmtuneTrainer(Seq2SeqTrainer):
     def __init__(
-        self, *args, eval_collator=None, generate_kwargs: dict | None = None, generate_eagerly=False, **kwargs
+        self,
+        *args,
+        eval_collator=None,
+        generate_kwargs: dict | None = None,
+        generate_eagerly=False,
+        run_identity: dict | None = None,
+        **kwargs,
     ):
         """``generate_eagerly``: the decoder layers were compiled for training; with a KV cache they would be
-        recompiled for every layer, so generation runs them eagerly."""
+        recompiled for every layer, so generation runs them eagerly. ``run_identity``: written beside the trained
+        weights (glmtune.runs), so that a resume can tell this run's checkpoints from another's."""
         allow_quantized_base(kwargs.get("model"))
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator or self.data_collator
         self.generate_kwargs = generate_kwargs or {}
         self.generation_stance = "force_eager" if generate_eagerly else "default"
+        self.run_identity = run_identity
         if self.args.device.type == "cpu" and self.args.device.index is not None:
             _load_cpu_indexed_storage()
 
@@ -69,11 +77,16 @@ class GlmtuneTrainer(Seq2SeqTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """P-Tuning v2: only the prefix encoder (Trainer would save the whole base); LoRA: Trainer's own save,
-        which for a PEFT model writes the adapter only."""
+        which for a PEFT model writes the adapter only. Both: the run's identity beside the weights."""
+        output_dir = output_dir or self.args.output_dir
+        self._save_trained_weights(output_dir, _internal_call)
+        if self.run_identity is not None and self.args.should_save:
+            runs.write_identity(self.run_identity, output_dir)
+
+    def _save_trained_weights(self, output_dir: str, _internal_call: bool) -> None:
         model = self.accelerator.unwrap_model(self.model)
         if not ptuning.is_prefix_tuned(model):
             return super().save_model(output_dir, _internal_call)
-        output_dir = output_dir or self.args.output_dir
         with _gathered(model.prefix_encoder, self.is_deepspeed_enabled):
             if self.args.should_save:
                 ptuning.save_checkpoint(model, output_dir)

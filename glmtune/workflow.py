@@ -5,15 +5,13 @@ written to --output_dir before every input has been checked.
 """
 
 import logging
-import os
 
+from accelerate import PartialState
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
-from glmtune import speed
+from glmtune import runs, speed
 from glmtune.data import Collator, PaddingFreeCollator, load_split, tokenize
-from glmtune.errors import GlmtuneError
-from glmtune.lora import add_lora
+from glmtune.lora import add_lora, check_targets_early
 from glmtune.metrics import ComputeMetrics
 from glmtune.model import load_base_model, load_tokenizer
 from glmtune.parsing import RunConfig
@@ -32,6 +30,9 @@ SPLITS = {  # split -> (file flag, sample limit flag, task flag)
 
 def run(config: RunConfig) -> dict:
     set_seed(config.training.seed)
+    config.training.resume_from_checkpoint = runs.resume_checkpoint(config)  # this run's, with steps left
+    if config.method == "lora" and config.training.do_train and not config.lora.lora_checkpoint:
+        check_targets_early(config.model, config.lora.lora_target)
     tokenizer, prompt_format, datasets = prepare_data(config)
     model = build_model(config)
     return run_tasks(config, model, tokenizer, prompt_format, datasets)
@@ -56,9 +57,12 @@ def run_tasks(config: RunConfig, model, tokenizer, prompt_format: PromptFormat, 
     """Train, evaluate and predict, as asked; the metrics of each. ``callbacks``: Trainer callbacks (benchmarks)."""
     training = config.training
     train_collator = training_collator(config, tokenizer)
+    identity = runs.identity(config)  # before the memory plan splits the effective batch its own way
     if training.do_train:
         speed.fit_memory(config, model, datasets["train"], train_collator)
-    trainer = build_trainer(config, model, tokenizer, datasets, prompt_format, train_collator)
+        runs.move_previous_run_aside(config)
+        PartialState().wait_for_everyone()  # the main process moved them; no rank writes before
+    trainer = build_trainer(config, model, tokenizer, datasets, prompt_format, train_collator, identity)
     for callback in callbacks:
         trainer.add_callback(callback)
     results = {}
@@ -121,7 +125,7 @@ def training_collator(config: RunConfig, tokenizer):
 
 
 def build_trainer(
-    config: RunConfig, model, tokenizer, datasets: dict, prompt_format: PromptFormat, train_collator
+    config: RunConfig, model, tokenizer, datasets: dict, prompt_format: PromptFormat, train_collator, identity=None
 ) -> GlmtuneTrainer:
     training = config.training
     generating = training.predict_with_generate
@@ -138,14 +142,14 @@ def build_trainer(
         compute_metrics=ComputeMetrics(tokenizer) if generating else None,
         generate_kwargs=generate_kwargs,
         generate_eagerly=bool(config.run.compile_layers),
+        run_identity=identity,
         target_token_loss=config.run.target_token_loss,
     )
 
 
 def train(trainer: GlmtuneTrainer, config: RunConfig, samples: int) -> dict:
-    checkpoint = resolve_checkpoint(config.training.resume_from_checkpoint, config.training.output_dir)
     speed.memory.reset_peak()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = trainer.train(resume_from_checkpoint=config.training.resume_from_checkpoint)
     peak = speed.memory.peak_metrics("train")  # users compare it with their card
     trainer.save_model()  # the final trained weights, in --output_dir itself
     metrics = {**result.metrics, **peak, "train_samples": samples}
@@ -153,18 +157,6 @@ def train(trainer: GlmtuneTrainer, config: RunConfig, samples: int) -> dict:
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     return metrics
-
-
-def resolve_checkpoint(resume_from_checkpoint, output_dir: str):
-    """A checkpoint folder, or 'last'/'true' for the newest complete ``checkpoint-N`` in --output_dir."""
-    if resume_from_checkpoint is None:
-        return None
-    if str(resume_from_checkpoint).lower() not in ("last", "true"):
-        return resume_from_checkpoint  # checked to exist by glmtune.parsing
-    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-    if last is None:
-        raise GlmtuneError(f"--resume_from_checkpoint {resume_from_checkpoint}: no checkpoint-N folder in {output_dir}")
-    return last
 
 
 def evaluate(trainer: GlmtuneTrainer, samples: int) -> dict:

@@ -35,6 +35,9 @@ MAX_MEMORY_GIB=${MAX_MEMORY_GIB:-}            # GPU memory the run may use: on a
 MAX_STEPS=${MAX_STEPS:-200}
 SAVE_STEPS=${SAVE_STEPS:-100}
 OUTPUT_DIR=${OUTPUT_DIR:-output/adgen-toy-lora-$LORA_RANK-$LR}
+PREVIOUS_RUN=${PREVIOUS_RUN:-move}            # OUTPUT_DIR holding another run's files: move them aside to
+                                              # OUTPUT_DIR.previous-<time> (move) or stop (refuse); to continue that
+                                              # run instead: bash <this script> --resume_from_checkpoint last
 PYTHON=${PYTHON:-python3}
 ### processes (README: Several GPUs and machines)
 NUM_GPUS=${NUM_GPUS:-1}                       # processes on this machine, one per GPU (torchrun when > 1)
@@ -48,6 +51,11 @@ bash scripts/ensure_model.sh "$MODEL"
 extra=()
 [ -n "$QUANTIZATION_BIT" ] && extra+=(--quantization_bit "$QUANTIZATION_BIT")
 [ -n "$MAX_MEMORY_GIB" ] && extra+=(--max_memory_gib "$MAX_MEMORY_GIB")
+case "$PREVIOUS_RUN" in
+    move) extra+=(--overwrite_output_dir) ;;
+    refuse) ;;
+    *) echo "error: PREVIOUS_RUN must be move or refuse, got '$PREVIOUS_RUN'" >&2; exit 2 ;;
+esac
 [ -n "$HISTORY_COLUMN" ] && extra+=(--history_column "$HISTORY_COLUMN")
 source scripts/launch.sh                      # sets launch (python or torchrun), adds --deepspeed
 
@@ -71,6 +79,5 @@ source scripts/launch.sh                      # sets launch (python or torchrun)
     --logging_steps 10 \
     --save_steps "$SAVE_STEPS" \
     --output_dir "$OUTPUT_DIR" \
-    --overwrite_output_dir \
     --report_to tensorboard \
     "${extra[@]}" "$@"

@@ -355,7 +355,113 @@ CASES = [
             [["--output_dir", str(c.tmp / "a-file" / "out"), "cannot be created", "is not a folder"]],
         ),
     ),
+    (
+        "resume-from-a-folder-that-is-not-a-checkpoint",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--resume_from_checkpoint", p := _adapter_only(c)),
+            [["--resume_from_checkpoint", str(p), "no trainer_state.json", "not a training checkpoint"]],
+        ),
+    ),
+    # ---- numbers: every numeric flag is checked before anything is loaded or written
+    *[
+        (
+            f"{flag}-{value}",
+            lambda c, flag=flag, value=value, method=method: (
+                c.train(method, TOY_TRAIN, f"--{flag}", value),
+                [[f"--{flag} must be", f"got {value}"]],
+            ),
+        )
+        for flag, value, method in [
+            ("per_device_train_batch_size", "0", "ptuning"),
+            ("per_device_eval_batch_size", "0", "lora"),
+            ("gradient_accumulation_steps", "0", "lora"),
+            ("max_steps", "0", "ptuning"),
+            ("save_steps", "0", "lora"),
+            ("logging_steps", "-5", "ptuning"),
+            ("num_train_epochs", "0", "lora"),
+            ("learning_rate", "nan", "ptuning"),
+            ("learning_rate", "-0.01", "lora"),
+            ("weight_decay", "-1", "lora"),
+            ("adam_beta1", "1.5", "ptuning"),
+            ("eval_accumulation_steps", "0", "lora"),
+            ("max_grad_norm", "inf", "ptuning"),
+            ("seed", "-1", "lora"),
+            ("save_total_limit", "0", "ptuning"),
+            ("dataloader_num_workers", "-2", "lora"),
+            ("top_p", "0", "lora"),
+            ("temperature", "0", "ptuning"),
+            ("repetition_penalty", "-1", "lora"),
+            ("lora_alpha", "0", "lora"),
+            ("lora_dropout", "1.0", "lora"),
+            ("prefix_dropout", "-0.1", "ptuning"),
+            ("pre_seq_len", "0", "ptuning"),
+            ("max_train_samples", "0", "lora"),
+            ("preprocessing_num_workers", "0", "ptuning"),
+        ]
+    ],
+    (
+        "several-bad-numbers-reported-together",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--per_device_train_batch_size", 0, "--learning_rate", "nan", "--max_steps", 0),
+            [["--per_device_train_batch_size"], ["--max_steps"], ["--learning_rate"]],
+        ),
+    ),
+    (
+        "non-number-for-a-number",
+        lambda c: (c.train("lora", TOY_TRAIN, "--max_steps", "ten"), [["--max_steps", "invalid int value: 'ten'"]]),
+    ),
+    (
+        "unknown-scheduler-name",
+        lambda c: (
+            c.train("ptuning", TOY_TRAIN, "--lr_scheduler_type", "cosinus"),
+            [["--lr_scheduler_type", "invalid choice: 'cosinus'", "'cosine'"]],
+        ),
+    ),
+    (
+        "report_to-integration-not-installed",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--report_to", "wandb"),
+            [["--report_to wandb", "not installed", "--report_to none"]],
+        ),
+    ),
+    (
+        "max_memory_gib-without-a-gpu",
+        lambda c: (c.train("lora", TOY_TRAIN, "--max_memory_gib", 6), [["--max_memory_gib 6", "no CUDA GPU"]]),
+        pytest.mark.skipif(torch.cuda.is_available(), reason="the case is a machine without a GPU"),
+    ),
+    # ---- names: a name that matches nothing is an error listing what exists
+    (
+        "lora-target-typo",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--lora_target", "q_proj,v_prj"),
+            [["--lora_target q_proj,v_prj", "no module named v_prj", "v_proj", "(or all)"]],
+        ),
+    ),
+    (
+        "model-weights-corrupt",
+        lambda c: (
+            c.train("ptuning", TOY_TRAIN, model=(p := _corrupt_model(c))),
+            [["--model_name_or_path", str(p), "cannot load the model"]],
+        ),
+    ),
 ]
+
+
+def _adapter_only(case):
+    """A LoRA adapter's own files, without a trainer's state: not a checkpoint to resume from."""
+    folder = case.tmp / "adapter-only"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(case.lora_checkpoint / name, folder / name)
+    return folder
+
+
+def _corrupt_model(case):
+    """The tiny model with its weights file cut in half."""
+    folder = case.copy(case.model, "corrupt-model")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
 
 
 def _model_dir(path, config_text):
@@ -428,7 +534,7 @@ def test_output_dir_with_checkpoints_of_another_run_is_left_alone(tmp_path, tiny
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err, err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and f"--output_dir {out} already holds checkpoints" in errors[0], err
+    assert len(errors) == 1 and f"--output_dir {out} holds another run's files" in errors[0], err
     assert "--overwrite_output_dir" in errors[0]
     assert _files(tmp_path) == before
 

@@ -40,12 +40,17 @@ def test_checkpoints_are_complete_and_no_temporary_folder_remains(tiny_model_dir
 
 def test_a_killed_save_is_not_resumed_from(tiny_model_dir, tmp_path):
     """A partial checkpoint under its temporary name: --resume_from_checkpoint last takes the complete one."""
-    from glmtune.workflow import resolve_checkpoint
+    from glmtune.parsing import parse_args
+    from glmtune.runs import resume_checkpoint
 
     out = tmp_path / "out"
     run("ptuning", tiny_model_dir, out, *train_flags("ptuning", steps=2, save_steps=2))
     (out / "tmp-checkpoint-4" / "checkpoint-4").mkdir(parents=True)
-    assert resolve_checkpoint("last", str(out)) == str(out / "checkpoint-2")
+    common = ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--max_source_length", "32",
+              "--max_target_length", "16", "--per_device_train_batch_size", "4"]  # fmt: skip
+    config = parse_args("ptuning", [*common, *train_flags("ptuning", steps=4, save_steps=2),
+                                    "--resume_from_checkpoint", "last"])  # fmt: skip
+    assert resume_checkpoint(config) == str(out / "checkpoint-2")
 
 
 @pytest.mark.parametrize("method", ["ptuning", "lora"])
