@@ -1,5 +1,6 @@
 """scripts/api_server.py: an OpenAI-compatible server, checked with the official openai client against a subprocess."""
 
+import asyncio
 import json
 import os
 import socket
@@ -11,7 +12,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import REPO, TOY_DEV
+from conftest import REPO, TOY_DEV, TOY_TRAIN
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -134,9 +135,9 @@ def lora_expected(servers):
     return servers["lora"].expected
 
 
-def chat(client, query, **kwargs):
+def chat(client, query, max_tokens=TOKENS, **kwargs):
     return client.chat.completions.create(
-        model="any", messages=[{"role": "user", "content": query}], max_tokens=TOKENS, **kwargs
+        model="any", messages=[{"role": "user", "content": query}], max_tokens=max_tokens, **kwargs
     )
 
 
@@ -240,6 +241,66 @@ def test_ptuning_checkpoint_with_history_and_system_message(servers):
     ]
     reply = client.chat.completions.create(model="pt", messages=messages, max_tokens=TOKENS)
     assert reply.choices[0].message.content == server.expected[1]
+
+
+# ----------------------------------------------------------------------------- under load
+
+CLIENTS, ROUNDS, LOAD_TOKENS = 64, 3, 16
+RSS_MARGIN_MIB = 8
+
+
+@pytest.fixture(scope="module")
+def load_server(tmp_path_factory):
+    """A server of the tiny GLM with random weights drawn wider than usual (std 0.1, not 0.02), so that its
+    greedy answers differ from prompt to prompt: with the session's tiny model every prompt gets the same
+    answer, and a client given another client's answer would not show. Also, it rarely stops by itself, so
+    a client that goes away and whose generation went on would hold the worker for seconds."""
+    from glmtune.serve.tuned import load_tuned
+    from scripts import build_tiny_model as tiny
+    from scripts.api_load import prompts
+
+    model = tmp_path_factory.mktemp("tiny-glm-wide")
+    tiny.build(str(TOY_TRAIN), str(model), steps=0, num_hidden_layers=2, initializer_range=0.1)
+    server = Server("--model_name_or_path", model, "--max_source_length", MAX_SOURCE_LENGTH, "--max_batch_size", 8)
+    try:
+        server.queries = prompts(CLIENTS)
+        tuned = load_tuned(str(model), max_source_length=MAX_SOURCE_LENGTH)
+        server.expected = [tuned.generate([q], max_new_tokens=LOAD_TOKENS)[0] for q in server.queries]
+        yield server.wait()
+    finally:
+        server.stop()
+
+
+def test_64_concurrent_clients_some_going_away_get_their_own_answers_without_leaks(load_server):
+    """3 rounds of 64 clients at once, half streaming; 8 streaming clients hang up after their first text,
+    4 others give up after 0.5 s (all 12 asked for 10000 tokens); every other client gets its own greedy
+    answer, a request after each round is answered, and the server process, measured from /proc, keeps its
+    memory, threads and open files from round 1 to round 3."""
+    from scripts.api_load import process_stats, settled_stats, storm
+
+    queries, expected = load_server.queries, load_server.expected
+    assert len(set(expected)) == CLIENTS  # a mix-up would show
+    idle, rounds = process_stats(load_server.process.pid), []
+    for _ in range(ROUNDS):
+        # The clients wait at most 30 s: had a generation gone on after its client left (10000 tokens, more
+        # than a minute here), the clients queued behind it would time out.
+        result = asyncio.run(storm(load_server.url, None, queries, expected, LOAD_TOKENS, timeout=30))
+        result.update(settled_stats(load_server.process.pid, idle))
+        rounds.append(result)
+        assert result["wrong"] == [] and result["answered"] == CLIENTS - 12 and result["left"] == 12
+        assert result["probe_ok"]
+    first, last = rounds[0], rounds[-1]
+    assert last["rss_mib"] - first["rss_mib"] <= RSS_MARGIN_MIB, [r["rss_mib"] for r in rounds]
+    assert (last["threads"], last["fds"]) == (first["threads"], first["fds"]), rounds
+
+
+def test_a_tiny_temperature_decodes_greedily(load_server):
+    """Sampling at temperature 1e-300 divides the logits into inf (generation fails); it is greedy decoding."""
+    client = load_server.client()
+    for stream in (False, True):
+        reply = chat(client, load_server.queries[0], max_tokens=LOAD_TOKENS, temperature=1e-300, stream=stream)
+        text = "".join(c.choices[0].delta.content or "" for c in reply) if stream else reply.choices[0].message.content
+        assert text == load_server.expected[0]
 
 
 def test_a_bad_checkpoint_stops_the_server_with_exit_status_2(tiny_model_dir, tmp_path):

@@ -23,6 +23,29 @@ def test_batched_and_streamed_answers_match_the_evaluation_predictions(tiny_mode
     assert "".join(tuned.stream(queries[0], max_new_tokens=8)).strip() == expected[0]
 
 
+def test_a_failing_streamed_generation_raises_instead_of_hanging(tiny_model_dir):
+    """generate() runs in its own thread while stream() reads the text: its error must reach the reader (the
+    API server's worker reads there, and hung for good). Sampling at temperature 1e-300 overflows the logits."""
+    import threading
+
+    tuned = load_tuned(str(tiny_model_dir))
+    outcome = []
+
+    def read():
+        try:
+            outcome.append("".join(tuned.stream("类型#裙", do_sample=True, temperature=1e-300, max_new_tokens=4)))
+        except RuntimeError as error:
+            outcome.append(error)
+
+    greedy = tuned.generate(["类型#裙"], max_new_tokens=4)[0]
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive(), "stream() still waits for text from a generation that failed"
+    assert isinstance(outcome[0], RuntimeError) and "probability tensor" in str(outcome[0])
+    assert "".join(tuned.stream("类型#裙", max_new_tokens=4)).strip() == greedy
+
+
 def test_checkpoint_kinds_and_errors(tmp_path, ptuning_checkpoint, lora_checkpoint, tiny_model_dir):
     assert checkpoint_method(None) == "base"
     assert checkpoint_method(str(ptuning_checkpoint)) == "ptuning"

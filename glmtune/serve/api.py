@@ -5,9 +5,12 @@
   blank line) are put in front of the first user message, as "{system}\\n\\n{first user message}".
   Content is a string or a list of {"type": "text", "text": ...} parts.
 * max_tokens (or max_completion_tokens; default 128), temperature, top_p, stream, n (only 1). Decoding is
-  greedy unless temperature > 0, which samples with that temperature and top_p. stop is refused unless
-  empty. "model" is accepted with any value; replies carry this server's --model_name. Other OpenAI
-  fields (seed, user, ...) are ignored.
+  greedy unless temperature > 0, which samples with that temperature and top_p (below 1e-5 it decodes
+  greedily: sampling at such a temperature is greedy). stop is refused unless empty. "model" is accepted
+  with any value; replies carry this server's --model_name. Other OpenAI fields (seed, user, ...) are
+  ignored.
+* A client that goes away (closes the connection) cancels its request: it leaves the queue, or its
+  generation stops at the next token (the other rows of its batch go on).
 * A prompt longer than --max_source_length tokens is refused (400, code context_length_exceeded) rather
   than truncated. usage counts the prompt tokens and the generated tokens (the end-of-sequence token
   included when the model stopped by itself, finish_reason "stop"; "length" when max_tokens ran out).
@@ -21,6 +24,9 @@ from dataclasses import dataclass, field
 from glmtune.serve import DEFAULT_MAX_NEW_TOKENS
 
 SYSTEM_ROLES = ("system", "developer")
+# Below this temperature, sampling is greedy decoding (as in vLLM); dividing the logits by, say, 1e-300 would
+# overflow them to inf and fail the generation.
+MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
 # ----------------------------------------------------------------------------- errors
@@ -59,10 +65,16 @@ class Job:
     pieces: asyncio.Queue = (
         None  # streaming: text pieces, then ("end", completion_tokens, finish_reason) or an exception
     )
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # set: the client went away
+
+    def cancel(self):
+        """The client went away: the worker skips the job, or stops its generation at the next token."""
+        self.cancelled.set()
+        if self.future is not None:
+            self.future.cancel()
 
     def generate_kwargs(self) -> dict:
-        if self.temperature > 0:
+        if self.temperature >= MIN_SAMPLING_TEMPERATURE:
             return {
                 "max_new_tokens": self.max_new_tokens,
                 "do_sample": True,

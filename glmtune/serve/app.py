@@ -18,7 +18,7 @@ def create_app(tuned, model_name: str, api_key=None, max_batch_size: int = 8, ma
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     max_source_length = max_source_length or tuned.max_source_length
@@ -97,12 +97,15 @@ def create_app(tuned, model_name: str, api_key=None, max_batch_size: int = 8, ma
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            text, tokens, reason = await job.future
-        except asyncio.CancelledError:
-            job.future.cancel()
+            answer = await _answer(job, request)
+        except asyncio.CancelledError:  # the server stops
+            job.cancel()
             raise
         except Exception as error:  # noqa: BLE001
             raise ApiError(500, f"generation failed: {error}", type_="server_error") from None
+        if answer is None:  # the client went away (its job is cancelled): nobody reads this
+            return Response(status_code=499)  # nginx's "client closed request"
+        text, tokens, reason = answer
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -151,6 +154,26 @@ def create_app(tuned, model_name: str, api_key=None, max_batch_size: int = 8, ma
                     yield chunk({"content": text})
             yield "data: [DONE]\n\n"
         finally:
-            job.cancelled.set()  # a client that went away stops its generation at the next token
+            job.cancel()  # a client that went away stops its generation at the next token
 
     return app
+
+
+async def _answer(job: Job, request):
+    """The job's (text, completion_tokens, finish_reason); None, with the job cancelled, when the client goes
+    away first. uvicorn does not cancel a handler whose client disconnects, so this listens: the body has
+    been read, and the next ASGI message is the disconnect."""
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait([job.future, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not job.future.done():
+        job.cancel()
+        return None
+    return job.future.result()
+
+
+async def _disconnect(request):
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -72,14 +72,23 @@ class TunedModel:
             streamer=streamer,
             **self._generate_kwargs(generate_kwargs),
         )
-        thread = threading.Thread(target=self._generate_quietly, kwargs=kwargs, daemon=True)
+        failed = []
+        thread = threading.Thread(target=self._generate_quietly, args=(failed,), kwargs=kwargs, daemon=True)
         thread.start()
         yield from streamer
         thread.join()
+        if failed:
+            raise failed[0]
 
-    def _generate_quietly(self, **kwargs):
-        with torch.no_grad():
-            self.model.generate(**kwargs)
+    def _generate_quietly(self, failed: list, **kwargs):
+        """generate() for stream_ids, in its thread: an error ends the stream (else the reader would wait for
+        text forever) and is raised again in the reader's thread."""
+        try:
+            with torch.no_grad():
+                self.model.generate(**kwargs)
+        except Exception as error:  # noqa: BLE001 - handed to the reader
+            failed.append(error)
+            kwargs["streamer"].end()
 
     def _generate_kwargs(self, overrides: dict) -> dict:
         kwargs = {

@@ -1,7 +1,9 @@
 """The worker that owns the model behind the API: one at a time, generation in a thread, never on the event loop.
 
 Requests wait in a queue; non-streaming requests with the same decoding settings are answered together by one
-batched TunedModel.generate_ids call (up to --max_batch_size), streaming requests one at a time.
+batched TunedModel.generate_ids call (up to --max_batch_size), streaming requests one at a time. A job whose
+client went away (Job.cancel) is skipped, or its row stops at the next token; a failed generation fails its
+own jobs only, and the worker goes on.
 """
 
 import asyncio
@@ -13,9 +15,10 @@ from glmtune.serve.api import Job
 
 class TokenRecorder:
     """A stopping criterion that never stops generation by itself: it keeps the latest ids (to count the
-    generated tokens and tell "stop" from "length") and stops every row once the request is cancelled."""
+    generated tokens and tell "stop" from "length") and stops a row once its request is cancelled
+    (``cancelled``: one threading.Event per row; the other rows of a batch go on)."""
 
-    def __init__(self, cancelled=None):
+    def __init__(self, cancelled: list):
         self.ids = None
         self.cancelled = cancelled
 
@@ -23,8 +26,8 @@ class TokenRecorder:
         import torch
 
         self.ids = input_ids
-        stop = self.cancelled is not None and self.cancelled.is_set()
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        stop = [event.is_set() for event in self.cancelled]
+        return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
 
     def outcomes(self, prompt_width: int, stop_ids, max_new_tokens: int) -> list:
         """(completion_tokens, finish_reason) per row; ``stop_ids``: generate()'s eos_token_id (one or a list)."""
@@ -76,6 +79,8 @@ class Worker:
         loop = asyncio.get_running_loop()
         while True:
             job = await self._next()
+            if job.cancelled.is_set():  # its client went away while it waited
+                continue
             if job.stream:
                 await loop.run_in_executor(self.executor, self._stream, job, loop)
                 continue
@@ -90,13 +95,13 @@ class Worker:
                     batch.append(other)
                 else:
                     self.waiting.append(other)
-            batch = [j for j in batch if not j.future.done()]  # clients gone away
+            batch = [j for j in batch if not j.cancelled.is_set()]  # clients gone away
             if batch:
                 await loop.run_in_executor(self.executor, self._generate, batch, loop)
 
     def _generate(self, batch: list, loop):
         tuned = self.tuned
-        recorder = TokenRecorder()
+        recorder = TokenRecorder([job.cancelled for job in batch])  # a client gone away stops its row
         try:
             from transformers import StoppingCriteriaList
 
@@ -117,7 +122,7 @@ class Worker:
 
     def _stream(self, job: Job, loop):
         tuned = self.tuned
-        recorder = TokenRecorder(job.cancelled)
+        recorder = TokenRecorder([job.cancelled])
         try:
             from transformers import StoppingCriteriaList
 
