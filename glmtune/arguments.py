@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 IGNORE_INDEX = -100  # label value that the cross-entropy loss skips (prompt and padding positions)
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # --torch_dtype
+DATA_FORMATS = ("auto", "prompt_response", "alpaca", "conversations", "messages")  # --data_format
+PREDICTION_FIELDS = ("labels", "predict")  # generated_predictions.txt's own fields
 DEFAULT_MAX_SOURCE_LENGTH = 1024  # the ChatGLM scripts' default; the serving tools use it too
 
 
@@ -36,18 +38,45 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    train_file: str | None = field(default=None, metadata={"help": "Training data: JSON lines or a JSON array."})
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Training data: JSON lines, a JSON array, or CSV / TSV with a header row (.csv, .tsv)."},
+    )
     validation_file: str | None = field(
-        default=None, metadata={"help": "Evaluation data for --do_eval (same format as --train_file)."}
+        default=None, metadata={"help": "Evaluation data for --do_eval (same kinds of file as --train_file)."}
     )
     test_file: str | None = field(
-        default=None, metadata={"help": "Prediction data for --do_predict (same format as --train_file)."}
+        default=None, metadata={"help": "Prediction data for --do_predict (same kinds of file as --train_file)."}
     )
-    prompt_column: str = field(default="content", metadata={"help": "Field holding the user's query."})
-    response_column: str = field(default="summary", metadata={"help": "Field holding the expected answer."})
+    data_format: str = field(
+        default="auto",
+        metadata={
+            "help": "What a record holds (data/README.md shows each): prompt_response (--prompt_column, "
+            "--response_column, --history_column); alpaca (instruction, optional input, output, optional history "
+            "and system; the query is the Stanford Alpaca / ChatGLM-Tuning instruction and input joined as "
+            "'{instruction}\\n{input}', which the prompt template then frames); conversations (ChatGLM3 "
+            "finetune_demo: a 'conversations' list of {role, content}, optional 'tools'); messages (OpenAI style: "
+            "a 'messages' list of {role, content}). Conversations and messages train every assistant reply. "
+            "auto (default): detected from each file's first record and logged."
+        },
+    )
+    prompt_column: str = field(default="content", metadata={"help": "prompt_response: field holding the user's query."})
+    response_column: str = field(
+        default="summary", metadata={"help": "prompt_response: field holding the expected answer."}
+    )
     history_column: str | None = field(
         default=None,
-        metadata={"help": "Optional field holding earlier rounds as a list of [query, answer] pairs."},
+        metadata={
+            "help": "prompt_response: optional field holding earlier rounds as a list of [query, answer] pairs "
+            "(JSON text in a CSV / TSV cell)."
+        },
+    )
+    keep_columns: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated fields of each --test_file record to write into generated_predictions.txt "
+            "beside labels and predict, e.g. sample_id,task_type (a PromptCBLUE-style submission)."
+        },
     )
     source_prefix: str = field(default="", metadata={"help": "Text prepended to every query."})
     prompt_template: str = field(
@@ -62,9 +91,19 @@ class DataArguments:
         },
     )
     max_source_length: int = field(
-        default=DEFAULT_MAX_SOURCE_LENGTH, metadata={"help": "Prompt tokens kept per sample."}
+        default=DEFAULT_MAX_SOURCE_LENGTH,
+        metadata={
+            "help": "Prompt tokens kept per sample. A longer prompt loses its oldest history rounds first, then the "
+            "start of its query; the answer cue is kept. The log counts both."
+        },
     )
-    max_target_length: int = field(default=128, metadata={"help": "Answer tokens kept per training sample."})
+    max_target_length: int = field(
+        default=128,
+        metadata={
+            "help": "Answer tokens kept per training sample. A conversation trained on every reply keeps its latest "
+            "turns within max_source_length + max_target_length tokens."
+        },
+    )
     val_max_target_length: int | None = field(
         default=None,
         metadata={
@@ -84,6 +123,15 @@ class DataArguments:
         default=True,
         metadata={"help": "Kept for compatibility with the ChatGLM scripts: padding never counts in the loss."},
     )
+
+    def kept_columns(self) -> list[str]:
+        """--keep_columns as a list of names."""
+        return [name.strip() for name in self.keep_columns.split(",")] if self.keep_columns else []
+
+    def column_flags(self) -> list[str]:
+        """The prompt_response column flags set away from their defaults (the other formats' fields are fixed)."""
+        defaults = {"prompt_column": "content", "response_column": "summary", "history_column": None}
+        return [f"--{name}" for name, default in defaults.items() if getattr(self, name) != default]
 
 
 @dataclass

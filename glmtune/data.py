@@ -1,19 +1,12 @@
-"""Data: read and validate files, prompt -> token ids and labels, batch padding.
+"""Data: validated files as cached datasets, tokenized, and batch padding.
 
-Records are read and checked here (clear errors with file, line and field) and handed to ``datasets``
-through a generator, so tokenization is cached by ``datasets`` and redone when the file, tokenizer,
-template or lengths change. Token layout (any tokenizer)::
-
-    train: input_ids = prompt[:max_source_length] + answer[:max_target_length] + [eos]
-           labels    = [-100] * len(prompt)        + answer[:max_target_length] + [eos]
-    eval:  input_ids = prompt[:max_source_length]   labels = answer[:val_max_target_length]
-
-Truncation keeps the head of the prompt, as ChatGLM's scripts do, but keeps the template's answer cue
-(e.g. "\\n\\n答：") at its end. Batches are padded to their longest sample only: right for training,
-left for generation.
+Records are read and checked by :mod:`glmtune.records` (clear errors with file, line and field) and handed to
+``datasets`` through a generator, so tokenization is cached by ``datasets`` and redone when the file, data format,
+tokenizer, template or lengths change. :mod:`glmtune.encoding` turns them into ids and labels (its docstring has
+the token layout and how long prompts and conversations are cut). Batches are padded to their longest sample
+only: right for training, left for generation.
 """
 
-import json
 import logging
 import os
 
@@ -21,120 +14,27 @@ import datasets
 import torch
 
 from glmtune.arguments import IGNORE_INDEX, DataArguments
+from glmtune.encoding import Encoder, PromptEncoder
 from glmtune.errors import DataError
-from glmtune.prompt import PromptFormat, Special
+from glmtune.records import FEATURES, detect_format, read_records
 
 logger = logging.getLogger(__name__)
 
-FEATURES = datasets.Features(
-    {
-        "prompt": datasets.Value("string"),
-        "response": datasets.Value("string"),
-        "history": datasets.List(datasets.List(datasets.Value("string"))),
-    }
-)
-DATA_README = "see data/README.md for the format"
-READER_VERSION = 1  # bump when read_records changes what it yields, to invalidate cached datasets
+READER_VERSION = 2  # bump when read_records changes what it yields, to invalidate cached datasets
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-def read_records(path: str, prompt_column: str, response_column: str, history_column=None):
-    """Yield ``{"prompt", "response", "history"}`` for every record of a JSON-lines file or JSON array.
-
-    ``null`` counts as an empty string; any other non-string value, a missing field or a malformed
-    line stops with a :class:`DataError` naming the file, the line and the field.
-    """
-    text = _read_text(path)
-    count = 0
-    for where, record in _json_records(path, text):
-        count += 1
-        yield _normalize(where, record, prompt_column, response_column, history_column)
-    if count == 0:
-        raise DataError(f"{path}: no records in the file ({DATA_README})")
-
-
-def _read_text(path: str) -> str:
-    with open(path, "rb") as f:
-        raw = f.read()
-    bom = b"\xef\xbb\xbf"
-    body = raw[len(bom) :] if raw.startswith(bom) else raw
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError as error:
-        offset = error.start + len(raw) - len(body)
-        line = raw[:offset].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {offset}); save the file as UTF-8") from None
-
-
-def _json_records(path: str, text: str):
-    """(location, value) pairs: 'file:line' for JSON lines, 'file: element N' for a JSON array."""
-    if text.lstrip().startswith("["):
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{error.lineno}: invalid JSON array ({error.msg}, column {error.colno})") from None
-        for index, value in enumerate(values):
-            yield f"{path}: element {index}", value
-        return
-    # Split on "\n" only: str.splitlines() would also break records at U+2028 and friends, which
-    # json.dumps(ensure_ascii=False) leaves unescaped inside strings.
-    for number, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{number}", json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(
-                f"{path}:{number}: invalid JSON ({error.msg}, column {error.colno}); {DATA_README}"
-            ) from None
-
-
-def _normalize(where: str, record, prompt_column: str, response_column: str, history_column):
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    return {
-        "prompt": _text_field(where, record, prompt_column, "--prompt_column"),
-        "response": _text_field(where, record, response_column, "--response_column"),
-        "history": _history_field(where, record, history_column) if history_column else [],
-    }
-
-
-def _text_field(where: str, record: dict, column: str, flag: str) -> str:
-    if column not in record:
-        present = ", ".join(sorted(record)) or "none"
-        raise DataError(f"{where}: no field '{column}' ({flag}); fields present: {present}")
-    value = record[column]
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{column}' must be a string, got {type(value).__name__}")
-    return value
-
-
-def _history_field(where: str, record: dict, column: str) -> list:
-    value = record.get(column)
-    if value is None:
-        return []
-    shape_error = DataError(f"{where}: field '{column}' must be a list of [query, answer] pairs of strings")
-    if not isinstance(value, list):
-        raise shape_error
-    for pair in value:
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise shape_error
-    return value
-
-
-def load_split(path: str, data_args: DataArguments) -> datasets.Dataset:
-    """A validated file as a ``datasets.Dataset`` (cached by file path, size and modification time)."""
+def load_split(path: str, data_args: DataArguments, keep_columns=()) -> datasets.Dataset:
+    """A validated file as a ``datasets.Dataset`` (cached by file path, size and modification time).
+    ``keep_columns``: fields of each record kept for generated_predictions.txt."""
     stat = os.stat(path)
     gen_kwargs = {
         "path": os.path.abspath(path),
-        "prompt_column": data_args.prompt_column,
-        "response_column": data_args.response_column,
-        "history_column": data_args.history_column,
+        "data_format": resolve_format(path, data_args),
+        "columns": (data_args.prompt_column, data_args.response_column, data_args.history_column),
+        "keep_columns": tuple(keep_columns),
     }
     try:
         return datasets.Dataset.from_generator(
@@ -149,6 +49,21 @@ def load_split(path: str, data_args: DataArguments) -> datasets.Dataset:
         raise
 
 
+def resolve_format(path: str, data_args: DataArguments) -> str:
+    """--data_format, or the format of the file's first record (logged)."""
+    if data_args.data_format != "auto":
+        return data_args.data_format
+    data_format = detect_format(path)
+    logger.info("%s: data format %s (from its first record; --data_format chooses)", path, data_format)
+    flags = data_args.column_flags()
+    if data_format != "prompt_response" and flags:
+        raise DataError(
+            f"{path}: its first record is in the {data_format} format, whose fields are fixed, but {', '.join(flags)} "
+            "name prompt_response fields: add --data_format prompt_response to read it by those fields, or drop them"
+        )
+    return data_format
+
+
 def _fingerprint(gen_kwargs: dict, stat) -> str:
     from datasets.fingerprint import Hasher
 
@@ -158,91 +73,12 @@ def _fingerprint(gen_kwargs: dict, stat) -> str:
 # ----------------------------------------------------------------------------- tokenizing
 
 
-class PromptEncoder:
-    """query + history -> the prompt's token ids, as training built them (template, special tokens, truncation).
-
-    Used for training and evaluation samples (:class:`Encoder`) and by the tools that serve a model."""
-
-    def __init__(self, tokenizer, prompt_format: PromptFormat, max_source_length: int):
-        self.tokenizer = tokenizer
-        self.format = prompt_format
-        self.max_source_length = max_source_length
-        self.frame = special_token_frame(tokenizer) if prompt_format.framed else ([], [])
-
-    def full_ids(self, query: str, history) -> list:
-        """The whole prompt's ids, untruncated."""
-        before, after = self.frame
-        return before + self.encode_segments(self.format.segments(query, history)) + after
-
-    def encode(self, query: str, history) -> tuple[list, bool]:
-        """The prompt's ids within max_source_length, and whether it was cut: the head is kept, and so is the
-        cue after the query (and the tokenizer's special tokens around the prompt), so the model still knows
-        an answer follows."""
-        before, after = self.frame
-        body = self.encode_segments(self.format.segments(query, history))
-        budget = self.max_source_length - len(before) - len(after)
-        if len(body) <= budget:
-            return before + body + after, False
-        tail = self.encode_segments(self.format.tail(history))
-        keep_tail = min(len(tail), budget // 2)
-        body = body[: budget - keep_tail] + (body[len(body) - keep_tail :] if keep_tail else [])
-        return before + body + after, True
-
-    def encode_segments(self, segments: list) -> list:
-        ids = []
-        for segment in segments:
-            if isinstance(segment, Special):
-                ids.append(self.tokenizer.convert_tokens_to_ids(segment))
-            elif segment:
-                ids += self.tokenizer.encode(segment, add_special_tokens=False)
-        return ids
-
-
-class Encoder:
-    """prompt/response/history -> input_ids/labels (+ truncation flags), for ``datasets.map``."""
-
-    def __init__(self, prompt_encoder: PromptEncoder, max_target_length: int, train: bool):
-        self.prompts = prompt_encoder
-        self.max_target_length = max_target_length
-        self.train = train
-
-    def __call__(self, batch: dict) -> dict:
-        out = {"input_ids": [], "labels": [], "source_truncated": [], "target_truncated": []}
-        eos = self.prompts.tokenizer.eos_token_id
-        for prompt, response, history in zip(batch["prompt"], batch["response"], batch["history"]):
-            prompt_ids, source_cut = self.prompts.encode(prompt, history)
-            answer_ids = self.prompts.encode_segments(self.prompts.format.answer_segments(response))
-            target_cut = len(answer_ids) > self.max_target_length
-            answer_ids = answer_ids[: self.max_target_length]
-            if self.train:
-                answer_ids = answer_ids + [eos]
-                out["input_ids"].append(prompt_ids + answer_ids)
-                out["labels"].append([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
-            else:
-                out["input_ids"].append(prompt_ids)
-                out["labels"].append(answer_ids)
-            out["source_truncated"].append(source_cut)
-            out["target_truncated"].append(target_cut)
-        return out
-
-
-def special_token_frame(tokenizer) -> tuple[list, list]:
-    """The ids the tokenizer adds before and after a text (``add_special_tokens=True``): a BOS, ChatGLM2's
-    ``[gMASK] sop``, ChatGLM-6B's trailing ``[gMASK] <sop>``... Read off a probe so that any tokenizer works."""
-    bare = tokenizer.encode("a", add_special_tokens=False)
-    full = tokenizer.encode("a", add_special_tokens=True)
-    for start in range(len(full) - len(bare) + 1):
-        if full[start : start + len(bare)] == bare:
-            return full[:start], full[start + len(bare) :]
-    raise ValueError(f"{type(tokenizer).__name__}: cannot tell which special tokens it adds around a text")
-
-
 def tokenize(dataset, tokenizer, prompt_format, data_args: DataArguments, split: str):
     """Drop unusable training rows, tokenize, report truncation. ``split``: train, eval or predict."""
     train = split == "train"
     if train:
         before = len(dataset)
-        dataset = dataset.filter(_has_prompt_and_response, desc="Skipping empty rows")
+        dataset = dataset.filter(_has_query_and_answer, desc="Skipping empty rows")
         if len(dataset) < before:
             logger.warning(
                 "train: skipped %d of %d rows whose prompt or response is empty", before - len(dataset), before
@@ -263,18 +99,32 @@ def tokenize(dataset, tokenizer, prompt_format, data_args: DataArguments, split:
     return dataset
 
 
-def _has_prompt_and_response(row: dict) -> bool:
-    return bool(row["prompt"]) and bool(row["response"])
+def _has_query_and_answer(row: dict) -> bool:
+    """The last reply and the message it answers are not empty."""
+    return bool(row["messages"][-1]["content"]) and bool(row["messages"][-2]["content"])
 
 
 def _report_truncation(dataset, split: str, max_source: int, max_target: int) -> None:
-    sources, targets = sum(dataset["source_truncated"]), sum(dataset["target_truncated"])
-    if sources:
+    total = len(dataset)
+    dropped, cut = sum(dataset["history_dropped"]), sum(dataset["query_cut"])
+    targets = sum(dataset["target_truncated"])
+    if dropped:
         logger.warning(
-            "%s: %d of %d prompts were longer than max_source_length %d and were truncated",
+            "%s: %d of %d samples were too long and lost their oldest history rounds (a prompt is kept within "
+            "max_source_length %d; a conversation trained on every reply within max_source_length + "
+            "max_target_length)",
             split,
-            sources,
-            len(dataset),
+            dropped,
+            total,
+            max_source,
+        )
+    if cut:
+        logger.warning(
+            "%s: %d of %d prompts were longer than max_source_length %d with no history left: the start of "
+            "the query was cut",
+            split,
+            cut,
+            total,
             max_source,
         )
     if targets:
@@ -282,7 +132,7 @@ def _report_truncation(dataset, split: str, max_source: int, max_target: int) ->
             "%s: %d of %d answers were longer than %d tokens and were truncated",
             split,
             targets,
-            len(dataset),
+            total,
             max_target,
         )
 

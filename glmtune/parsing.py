@@ -14,8 +14,10 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 from glmtune import ranges
 from glmtune.arguments import (
+    DATA_FORMATS,
     DTYPES,
     LORA_DEFAULTS,
+    PREDICTION_FIELDS,
     DataArguments,
     GenerationArguments,
     LoraArguments,
@@ -28,7 +30,7 @@ from glmtune.prompt import TEMPLATES
 from glmtune.runs import previous_run_problems
 
 METHODS = ("ptuning", "lora")
-DATA_EXTENSIONS = (".json", ".jsonl")
+DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".tsv")
 ARGUMENT_CLASSES = (
     ModelArguments,
     DataArguments,
@@ -194,6 +196,7 @@ def _range_problems(config: RunConfig) -> list[str]:
             "--prompt_template raw has no place for history: drop --history_column or pick another template"
         )
     problems += ranges.problems(config)
+    problems += _data_format_problems(data)
     if config.generation.cache_implementation not in (None, "static", "dynamic"):
         problems.append(
             f"--cache_implementation must be static or dynamic, got {config.generation.cache_implementation!r}"
@@ -221,6 +224,34 @@ def _report_to_problems(config: RunConfig) -> list[str]:
     return [f"--report_to {', '.join(missing)}: not installed here (installed: {installed}; or --report_to none)"]
 
 
+def _data_format_problems(data) -> list[str]:
+    if data.data_format not in DATA_FORMATS:
+        return [f"--data_format must be one of {', '.join(DATA_FORMATS)}, got {data.data_format!r}"]
+    if data.data_format not in ("auto", "prompt_response") and data.column_flags():
+        return [
+            f"{', '.join(data.column_flags())} name fields of --data_format prompt_response; "
+            f"{data.data_format} records have fixed fields (data/README.md): drop the flag(s)"
+        ]
+    return []
+
+
+def _keep_columns_problems(config: RunConfig) -> list[str]:
+    names = config.data.kept_columns()
+    if not names:
+        return []
+    if not config.training.do_predict:
+        return ["--keep_columns names fields of --test_file to write with the predictions: add --do_predict"]
+    if "" in names:
+        return [f"--keep_columns {config.data.keep_columns!r}: a field name is empty"]
+    taken = [name for name in names if name in PREDICTION_FIELDS]
+    if taken:
+        return [
+            f"--keep_columns {', '.join(taken)}: generated_predictions.txt already has fields of that name "
+            f"({', '.join(PREDICTION_FIELDS)})"
+        ]
+    return []
+
+
 def _task_problems(config: RunConfig) -> list[str]:
     data, training, problems = config.data, config.training, []
     if not (training.do_train or training.do_eval or training.do_predict):
@@ -234,7 +265,7 @@ def _task_problems(config: RunConfig) -> list[str]:
             problems.append(f"--{flag} needs --{file_flag}")
     if data.test_file and not training.do_predict:
         problems.append("--test_file is given but --do_predict is not: add --do_predict, or drop --test_file")
-    return problems
+    return problems + _keep_columns_problems(config)
 
 
 def _path_problems(config: RunConfig) -> list[str]:
@@ -261,12 +292,16 @@ def _data_file_problems(flag: str, path) -> list[str]:
     if path is None:
         return []
     if os.path.isdir(path):
-        return [f"--{flag} {path}: is a folder, expected a .json or .jsonl file"]
+        return [f"--{flag} {path}: is a folder, expected a {_extensions()} file"]
     if not os.path.isfile(path):
         return [f"--{flag} {path}: no such file"]
     if not path.endswith(DATA_EXTENSIONS):
-        return [f"--{flag} {path}: expected a .json or .jsonl file (JSON lines or a JSON array)"]
+        return [f"--{flag} {path}: expected a {_extensions()} file (JSON lines, a JSON array, CSV or TSV)"]
     return []
+
+
+def _extensions() -> str:
+    return ", ".join(DATA_EXTENSIONS[:-1]) + " or " + DATA_EXTENSIONS[-1]
 
 
 def _output_dir_problems(config: RunConfig) -> list[str]:

@@ -170,8 +170,9 @@ class GlmtuneTrainer(Seq2SeqTrainer):
         new_tokens = blank_stop_tokens(generated[:, prompt.shape[1] :], kwargs["eos_token_id"], kwargs["pad_token_id"])
         return None, new_tokens, inputs.get("labels")
 
-    def save_predictions(self, prediction_output, output_dir: str | None = None) -> str:
-        """Write ``generated_predictions.txt``: one ``{"labels", "predict"}`` JSON per input row, in order."""
+    def save_predictions(self, prediction_output, output_dir: str | None = None, kept: list | None = None) -> str:
+        """Write ``generated_predictions.txt``: one ``{"labels", "predict"}`` JSON per input row, in order, after the
+        row's ``kept`` fields (a dict per row: the --keep_columns of its record)."""
         path = os.path.join(output_dir or self.args.output_dir, PREDICTIONS_FILE)
         if not self.is_world_process_zero():
             return path
@@ -179,8 +180,9 @@ class GlmtuneTrainer(Seq2SeqTrainer):
         labels = decode_texts(self.processing_class, prediction_output.label_ids)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
-            for label, prediction in zip(labels, predictions):
-                f.write(json.dumps({"labels": label, "predict": prediction}, ensure_ascii=False) + "\n")
+            for row, (label, prediction) in enumerate(zip(labels, predictions)):
+                fields = {**(kept[row] if kept else {}), "labels": label, "predict": prediction}
+                f.write(json.dumps(fields, ensure_ascii=False) + "\n")
         os.replace(path + ".tmp", path)  # a reader never sees a half-written file
         return path
 

@@ -4,6 +4,7 @@ Data is read and tokenized before the model loads, so bad data fails in seconds,
 written to --output_dir before every input has been checked.
 """
 
+import json
 import logging
 
 from accelerate import PartialState
@@ -71,7 +72,7 @@ def run_tasks(config: RunConfig, model, tokenizer, prompt_format: PromptFormat, 
     if training.do_eval:
         results.update(evaluate(trainer, len(datasets["eval"])))
     if training.do_predict:
-        results.update(predict(trainer, datasets["predict"]))
+        results.update(predict(trainer, datasets["predict"], bool(config.data.keep_columns)))
     return results
 
 
@@ -80,7 +81,8 @@ def prepare_datasets(config: RunConfig, tokenizer, prompt_format) -> dict:
     for split, (file_flag, limit_flag, task_flag) in SPLITS.items():
         if not getattr(config.training, task_flag):
             continue
-        dataset = load_split(getattr(config.data, file_flag), config.data)
+        keep_columns = config.data.kept_columns() if split == "predict" else ()
+        dataset = load_split(getattr(config.data, file_flag), config.data, keep_columns)
         limit = getattr(config.data, limit_flag)
         if limit is not None:
             dataset = dataset.select(range(min(limit, len(dataset))))
@@ -166,11 +168,13 @@ def evaluate(trainer: GlmtuneTrainer, samples: int) -> dict:
     return metrics
 
 
-def predict(trainer: GlmtuneTrainer, dataset) -> dict:
+def predict(trainer: GlmtuneTrainer, dataset, keep: bool = False) -> dict:
+    """``keep``: write each row's --keep_columns fields beside its prediction."""
     output = trainer.predict(dataset, metric_key_prefix="predict")
     metrics = {**output.metrics, "predict_samples": len(dataset)}
     trainer.log_metrics("predict", metrics)
     trainer.save_metrics("predict", metrics)
-    path = trainer.save_predictions(output)
+    kept = [json.loads(fields) for fields in dataset["keep"]] if keep else None
+    path = trainer.save_predictions(output, kept=kept)
     logger.info("Wrote %d predictions to %s", len(dataset), path)
     return metrics

@@ -15,6 +15,7 @@ CHECKPOINT=${CHECKPOINT:-output/adgen-toy-lora-$LORA_RANK-$LR}
 STEP=${STEP:-}                                # e.g. 300 to use $CHECKPOINT/checkpoint-300
 ### data
 TEST_FILE=${TEST_FILE:-data/adgen-toy/dev.json}
+DATA_FORMAT=${DATA_FORMAT:-}                  # prompt_response, alpaca, conversations or messages; empty: detected
 PROMPT_COLUMN=${PROMPT_COLUMN:-content}
 RESPONSE_COLUMN=${RESPONSE_COLUMN:-summary}
 HISTORY_COLUMN=${HISTORY_COLUMN:-}
@@ -36,6 +37,7 @@ bash scripts/ensure_model.sh "$MODEL"
 extra=()
 [ -n "$QUANTIZATION_BIT" ] && extra+=(--quantization_bit "$QUANTIZATION_BIT")
 [ -n "$HISTORY_COLUMN" ] && extra+=(--history_column "$HISTORY_COLUMN")
+[ -n "$DATA_FORMAT" ] && extra+=(--data_format "$DATA_FORMAT")
 source scripts/launch.sh                      # sets launch (python or torchrun), adds --deepspeed
 if [ "$CHECKPOINT" = "none" ]; then
     OUTPUT_DIR=${OUTPUT_DIR/#none/output/base-model}

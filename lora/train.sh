@@ -15,7 +15,9 @@ QUANTIZATION_BIT=${QUANTIZATION_BIT:-}        # 4 or 8 to quantize the frozen ba
 ### data
 TRAIN_FILE=${TRAIN_FILE:-data/adgen-toy/train.json}
 DEV_FILE=${DEV_FILE:-data/adgen-toy/dev.json}
-PROMPT_COLUMN=${PROMPT_COLUMN:-content}
+DATA_FORMAT=${DATA_FORMAT:-}                  # prompt_response, alpaca, conversations or messages (data/README.md);
+                                              # empty: detected from each file's first record
+PROMPT_COLUMN=${PROMPT_COLUMN:-content}       # prompt_response's fields
 RESPONSE_COLUMN=${RESPONSE_COLUMN:-summary}
 HISTORY_COLUMN=${HISTORY_COLUMN:-}            # field with earlier [query, answer] rounds; empty: none
 MAX_SOURCE_LENGTH=${MAX_SOURCE_LENGTH:-64}
@@ -57,6 +59,7 @@ case "$PREVIOUS_RUN" in
     *) echo "error: PREVIOUS_RUN must be move or refuse, got '$PREVIOUS_RUN'" >&2; exit 2 ;;
 esac
 [ -n "$HISTORY_COLUMN" ] && extra+=(--history_column "$HISTORY_COLUMN")
+[ -n "$DATA_FORMAT" ] && extra+=(--data_format "$DATA_FORMAT")
 source scripts/launch.sh                      # sets launch (python or torchrun), adds --deepspeed
 
 "${launch[@]}" lora/main.py \

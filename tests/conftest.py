@@ -150,3 +150,20 @@ def chatglm_folder(version: str, out: Path) -> str:
     for file in (SHARED / "tokenizers" / tokenizer_dir).iterdir():
         shutil.copy(file, out / file.name)
     return str(out)
+
+
+def conversation_row(query: str, answer: str, history=(), system: str = "", where: str = "test:1") -> dict:
+    """A row of glmtune.records.FEATURES for one query and its answer after [query, answer] history pairs."""
+    messages = []
+    for turn in [*history, (query, answer)]:
+        messages += [
+            {"role": "user", "content": turn[0], "metadata": ""},
+            {"role": "assistant", "content": turn[1], "metadata": ""},
+        ]
+    return {"system": system, "tools": "", "messages": messages, "every_reply": False, "where": where, "keep": ""}
+
+
+def encoder_batch(rows: list) -> dict:
+    """rows: (query, answer) or (query, answer, history) tuples, or FEATURES rows -> a batch for glmtune's Encoder."""
+    rows = [row if isinstance(row, dict) else conversation_row(*row) for row in rows]
+    return {name: [row[name] for row in rows] for name in rows[0]}

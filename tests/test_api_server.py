@@ -303,6 +303,29 @@ def test_a_tiny_temperature_decodes_greedily(load_server):
         assert text == load_server.expected[0]
 
 
+def test_system_messages_go_where_training_puts_a_system_text(tokenizer):
+    """The prompt of a request is the one training builds for a record with that system text."""
+    from test_prompt import CHAT_TEMPLATE
+
+    from glmtune.encoding import PromptEncoder
+    from glmtune.prompt import PromptFormat
+    from glmtune.serve.api import parse_messages
+
+    messages = [
+        {"role": "system", "content": "S1"},
+        {"role": "developer", "content": "S2"},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+    ]
+    query, history, system = parse_messages(messages)
+    assert (query, history, system) == ("q2", [["q1", "a1"]], "S1\n\nS2")
+    chat = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    chat.chat_template = CHAT_TEMPLATE
+    ids = PromptEncoder(chat, PromptFormat("chat_template", chat), 1024).full_ids(query, history, system)
+    assert chat.decode(ids) == "<|system|>\nS1\n\nS2\n<|user|>\nq1\n<|assistant|>\na1\n<|user|>\nq2\n<|assistant|>\n"
+
+
 def test_a_bad_checkpoint_stops_the_server_with_exit_status_2(tiny_model_dir, tmp_path):
     result = subprocess.run(
         [

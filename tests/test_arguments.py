@@ -56,6 +56,14 @@ def _names(problems, *needles):
             ["--prompt_template raw", "--history_column"],
         ),
         ("lora", ["--test_file", TOY_DEV], None, ["--test_file", "--do_predict"]),
+        (
+            "lora",
+            ["--data_format", "sharegpt"],
+            None,
+            ["--data_format must be one of auto, prompt_response, alpaca, conversations, messages, got 'sharegpt'"],
+        ),
+        ("lora", ["--data_format", "alpaca", "--history_column", "h"], None, ["--history_column", "fixed fields"]),
+        ("lora", ["--keep_columns", "sample_id"], None, ["--keep_columns", "add --do_predict"]),
     ],
     ids=[
         "pre_seq_len-lora",
@@ -68,12 +76,31 @@ def _names(problems, *needles):
         "bogus-template",
         "raw-with-history",
         "test_file-without-do_predict",
+        "unknown-data_format",
+        "column-flag-with-alpaca",
+        "keep_columns-without-do_predict",
     ],
 )
 def test_refused(tiny_model_dir, tmp_path, method, extra, pre_seq_len, needles):
     problems = _problems(method, _argv(tiny_model_dir, tmp_path / "out", *extra, pre_seq_len=pre_seq_len))
     assert len(problems) == 1, problems  # only the problem at hand
     assert _names(problems, *needles), problems
+
+
+@pytest.mark.parametrize(
+    "keep, needle",
+    [
+        (
+            "sample_id,labels",
+            "--keep_columns labels: generated_predictions.txt already has fields of that name (labels, predict)",
+        ),
+        ("sample_id,,task_type", "--keep_columns 'sample_id,,task_type': a field name is empty"),
+    ],
+)
+def test_keep_columns_must_name_fields_of_the_test_file(tiny_model_dir, tmp_path, keep, needle):
+    extra = ["--do_predict", "--test_file", TOY_DEV, "--keep_columns", keep]
+    problems = _problems("lora", _argv(tiny_model_dir, tmp_path / "out", *extra, train=False))
+    assert problems == [needle]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA")
@@ -113,7 +140,7 @@ def test_txt_train_file(tiny_model_dir, tmp_path):
     text.write_text('{"content": "a", "summary": "b"}\n', encoding="utf-8")
     problems = _problems("lora", _argv(tiny_model_dir, tmp_path / "out", "--train_file", text))
     assert len(problems) == 1
-    assert problems[0].startswith(f"--train_file {text}: expected a .json or .jsonl file")
+    assert problems[0].startswith(f"--train_file {text}: expected a .json, .jsonl, .csv or .tsv file")
 
 
 def test_missing_model_folder(tmp_path):

@@ -15,6 +15,14 @@ from conftest import TOY_DEV, TOY_TRAIN, write_jsonl
 from glmtune.cli import main
 
 GOOD = {"content": "类型#裙*颜色#红色", "summary": "一条红色的裙子。"}
+ALPACA = {"instruction": "描述这条裙子", "input": "类型#裙*颜色#红色", "output": "一条红色的裙子。"}
+
+
+def _conversation(*roles, key="conversations") -> dict:
+    return {key: [{"role": role, "content": f"{role} 的话"} for role in roles]}
+
+
+CONVERSATION = _conversation("user", "assistant")
 SMALL = ["--max_source_length", "16", "--max_target_length", "8", "--max_new_tokens", "4", "--report_to", "none"]
 
 
@@ -197,6 +205,94 @@ CASES = [
         "whitespace-only-file",
         lambda c: (c.predict("lora", p := c.file("blank.json", "  \n\t\n   \n")), [[str(p), "no records"]]),
     ),
+    # ---- the data formats (--data_format, or detected from the first record)
+    (
+        "alpaca-missing-instruction",
+        lambda c: (
+            c.train(
+                "lora", p := c.jsonl("a.jsonl", [ALPACA, {"input": "x", "output": "y"}]), "--data_format", "alpaca"
+            ),
+            [[f"{p}:2:", "no field 'instruction'", "fields present: input, output"]],
+        ),
+    ),
+    (
+        "alpaca-output-not-a-string",
+        lambda c: (
+            c.train("ptuning", p := c.jsonl("a.jsonl", [ALPACA, {**ALPACA, "output": 3}])),
+            [[f"{p}:2:", "field 'output' must be a string, got int"]],
+        ),
+    ),
+    (
+        "conversations-not-a-list",
+        lambda c: (
+            c.train("lora", p := c.jsonl("c.jsonl", [{"conversations": "你好"}]), "--data_format", "conversations"),
+            [[f"{p}:1:", "field 'conversations' must be a list of {role, content} messages, got str"]],
+        ),
+    ),
+    (
+        "unknown-role",
+        lambda c: (
+            c.train("ptuning", p := c.jsonl("c.jsonl", [CONVERSATION, _conversation("user", "bot")])),
+            [[f"{p}:2:", "field 'conversations[1].role'", "unknown role 'bot'", "roles: system, user, assistant"]],
+        ),
+    ),
+    (
+        "assistant-turn-first",
+        lambda c: (
+            c.predict("lora", p := c.jsonl("m.jsonl", [_conversation("assistant", "user", key="messages")])),
+            [[f"{p}:1:", "field 'messages[0].role'", "the first message (after system) must be from the user"]],
+        ),
+    ),
+    (
+        "observation-in-chatglm2-prompts",
+        lambda c: (
+            c.train("lora", p := c.jsonl("c.jsonl", [_conversation("user", "assistant", "observation", "assistant")])),
+            [[f"{p}:1:", "role 'observation' (ChatGLM3 tool use) has no place in the chatglm2 prompt format"]],
+        ),
+    ),
+    (
+        "csv-row-with-a-missing-field",
+        lambda c: (
+            c.train("ptuning", p := c.file("t.csv", "content,summary\n类型#裙,裙子。\n类型#裤\n")),
+            [[f"{p}:3:", "1 fields, but the header row has 2 (content, summary)"]],
+        ),
+    ),
+    (
+        "conversations-in-a-csv-file",
+        lambda c: (
+            c.train("lora", p := c.file("t.csv", "conversations\n[]\n"), "--data_format", "conversations"),
+            [[str(p), "--data_format conversations needs JSON"]],
+        ),
+    ),
+    (
+        "keep_columns-naming-an-absent-field",
+        lambda c: (
+            c.train(
+                "lora",
+                c.jsonl("train.jsonl", [GOOD]),
+                "--do_predict",
+                "--test_file",
+                p := c.jsonl("test.jsonl", [{**GOOD, "sample_id": 1}, {**GOOD, "task": "x"}]),
+                "--keep_columns",
+                "sample_id",
+            ),
+            [[f"{p}:2:", "no field 'sample_id' (--keep_columns)", "fields present: content, summary, task"]],
+        ),
+    ),
+    (
+        "data_format-unknown",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--data_format", "sharegpt"),
+            [["--data_format must be one of auto, prompt_response, alpaca, conversations, messages", "'sharegpt'"]],
+        ),
+    ),
+    (
+        "prompt_column-with-an-alpaca-file",
+        lambda c: (
+            c.train("lora", p := c.jsonl("a.jsonl", [ALPACA]), "--prompt_column", "instruction"),
+            [[str(p), "alpaca format", "--prompt_column", "--data_format prompt_response"]],
+        ),
+    ),
     # ---- data file paths
     (
         "missing-file",
@@ -213,7 +309,7 @@ CASES = [
         "wrong-extension",
         lambda c: (
             c.train("lora", p := c.jsonl("train.txt", [GOOD])),
-            [["--train_file", str(p), "expected a .json or .jsonl file"]],
+            [["--train_file", str(p), "expected a .json, .jsonl, .csv or .tsv file"]],
         ),
     ),
     # ---- flag combinations

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import GOLDEN, SHARED, needs_shared
+from conftest import GOLDEN, SHARED, encoder_batch, needs_shared
 from safetensors.torch import load_file
 
 pytestmark = needs_shared
@@ -31,7 +31,7 @@ def tokenizer_for(version: str):
 
 
 def prompts_for(version: str, template: str = "auto", max_source_length: int = 1024):
-    from glmtune.data import PromptEncoder
+    from glmtune.encoding import PromptEncoder
     from glmtune.prompt import PromptFormat
 
     tokenizer = tokenizer_for(version)
@@ -39,7 +39,7 @@ def prompts_for(version: str, template: str = "auto", max_source_length: int = 1
 
 
 def encoder_for(version: str, template: str = "auto", train: bool = False):
-    from glmtune.data import Encoder
+    from glmtune.encoding import Encoder
 
     return Encoder(prompts_for(version, template), 1024, train=train)
 
@@ -79,8 +79,7 @@ def test_training_layout_matches_the_golden_forward_train(version_):
     folder = "chatglm-v1" if version_ == "v1" else f"chatglm-{version_}"
     golden = load_file(GOLDEN / folder / "forward_train.safetensors")
     encoder = encoder_for(version_, template, train=True)
-    batch = {"prompt": [q for q, _ in TRAIN_PAIRS], "response": [a for _, a in TRAIN_PAIRS], "history": [[], []]}
-    encoded = encoder(batch)
+    encoded = encoder(encoder_batch(TRAIN_PAIRS))
     pad = encoder.prompts.tokenizer.pad_token_id
     for row, (input_ids, labels) in enumerate(zip(encoded["input_ids"], encoded["labels"])):
         real = golden["input_ids"][row][: len(input_ids)]
@@ -133,12 +132,7 @@ def test_real_adgen_dev_encodes_within_limits_and_answers_decode_back(version_):
     rows = [json.loads(line) for line in open(SHARED / "data" / "AdvertiseGen" / "dev.json", encoding="utf-8")]
     encoder = encoder_for(version_, train=True)
     encoder.prompts.max_source_length = encoder.max_target_length = 64
-    batch = {
-        "prompt": [r["content"] for r in rows],
-        "response": [r["summary"] for r in rows],
-        "history": [[]] * len(rows),
-    }
-    encoded = encoder(batch)
+    encoded = encoder(encoder_batch([(r["content"], r["summary"]) for r in rows]))
     tokenizer = encoder.prompts.tokenizer
     for row, input_ids, labels, cut in zip(rows, encoded["input_ids"], encoded["labels"], encoded["target_truncated"]):
         assert len(input_ids) == len(labels) <= 64 + 64 + 1

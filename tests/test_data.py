@@ -1,4 +1,4 @@
-"""Tests for glmtune.data: reading and validating files, tokenization and labels, batch padding."""
+"""Tests for glmtune.data: reading and validating files, tokenization and labels, truncation, batch padding."""
 
 import json
 import logging
@@ -7,14 +7,17 @@ import os
 import datasets
 import pytest
 import torch
-from conftest import TOY_DEV, write_jsonl
+from conftest import TOY_DEV, conversation_row, encoder_batch, write_jsonl
 
 from glmtune.arguments import IGNORE_INDEX, DataArguments
-from glmtune.data import FEATURES, Collator, Encoder, PromptEncoder, load_split, read_records, tokenize
+from glmtune.data import Collator, load_split, tokenize
+from glmtune.encoding import Encoder, PromptEncoder
 from glmtune.errors import DataError
 from glmtune.prompt import PromptFormat
+from glmtune.records import FEATURES, read_records
 
 CUE = "\n\n答："  # chatglm2's answer cue
+HEAD = "[Round 1]\n\n问："  # what chatglm2 writes before a query without history
 LONG_TEXT = "类型#裤*版型#宽松*风格#简约*图案#碎花*颜色#驼色*材质#雪纺*裤长#五分裤*裤型#牛仔裤" * 4
 
 
@@ -38,12 +41,18 @@ def _args(**overrides) -> DataArguments:
 
 def _dataset(rows) -> datasets.Dataset:
     """rows: (prompt, response) or (prompt, response, history) tuples."""
-    records = [{"prompt": r[0], "response": r[1], "history": r[2] if len(r) > 2 else []} for r in rows]
-    return datasets.Dataset.from_list(records, features=FEATURES)
+    return datasets.Dataset.from_list([conversation_row(*row) for row in rows], features=FEATURES)
+
+
+def _pairs(row: dict) -> dict:
+    """A prompt_response row read back as prompt, response and [query, answer] history."""
+    contents = [message["content"] for message in row["messages"]]
+    history = [list(pair) for pair in zip(contents[:-2:2], contents[1:-2:2])]
+    return {"prompt": contents[-2], "response": contents[-1], "history": history}
 
 
 def _read(path, history_column=None) -> list:
-    return list(read_records(str(path), "content", "summary", history_column))
+    return [_pairs(row) for row in read_records(str(path), "prompt_response", ("content", "summary", history_column))]
 
 
 def _error(path, history_column=None) -> str:
@@ -65,6 +74,24 @@ EXPECTED = [
     {"prompt": "类型#裙", "response": "", "history": []},
     {"prompt": "", "response": "只有回答", "history": []},
 ]
+
+
+def test_a_record_becomes_a_conversation_of_one_reply(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"content": "q2", "summary": "a2", "history": [["q1", "a1"]]}])
+    [row] = read_records(str(path), "prompt_response", ("content", "summary", "history"))
+    assert row == {
+        "system": "",
+        "tools": "",
+        "messages": [
+            {"role": "user", "content": "q1", "metadata": ""},
+            {"role": "assistant", "content": "a1", "metadata": ""},
+            {"role": "user", "content": "q2", "metadata": ""},
+            {"role": "assistant", "content": "a2", "metadata": ""},
+        ],
+        "every_reply": False,  # the history's answers are context, not targets
+        "where": f"{path}:1",
+        "keep": "",
+    }
 
 
 def test_json_lines_and_json_array_give_the_same_records(tmp_path):
@@ -213,14 +240,14 @@ def test_load_split_returns_a_dataset(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", RECORDS)
     dataset = load_split(str(path), _args())
     assert isinstance(dataset, datasets.Dataset)
-    assert sorted(dataset.column_names) == ["history", "prompt", "response"]
-    assert dataset.to_list() == EXPECTED
+    assert sorted(dataset.column_names) == sorted(FEATURES)
+    assert [_pairs(row) for row in dataset] == EXPECTED
 
 
 def test_load_split_with_history_column(tmp_path):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"p": "q2", "r": "a2", "h": [["q1", "a1"]]}, {"p": "q", "r": "a"}])
     dataset = load_split(str(path), _args(prompt_column="p", response_column="r", history_column="h"))
-    assert dataset.to_list() == [
+    assert [_pairs(row) for row in dataset] == [
         {"prompt": "q2", "response": "a2", "history": [["q1", "a1"]]},
         {"prompt": "q", "response": "a", "history": []},
     ]
@@ -236,9 +263,9 @@ def test_load_split_reraises_data_error(tmp_path):
 
 def test_load_split_sees_a_rewritten_file(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", RECORDS[:2])
-    first = load_split(str(path), _args())
-    assert first["prompt"] == ["类型#裤*颜色#红", "类型#裙"]
-    assert load_split(str(path), _args())["prompt"] == first["prompt"]  # cached, unchanged
+    first = [_pairs(row)["prompt"] for row in load_split(str(path), _args())]
+    assert first == ["类型#裤*颜色#红", "类型#裙"]
+    assert [_pairs(row)["prompt"] for row in load_split(str(path), _args())] == first  # cached, unchanged
 
     before = os.stat(path)
     write_jsonl(path, [{"content": "新的", "summary": "内容"}, {"content": "第二", "summary": "行"}, RECORDS[0]])
@@ -246,9 +273,9 @@ def test_load_split_sees_a_rewritten_file(tmp_path):
     after = os.stat(path)
     assert after.st_mtime_ns != before.st_mtime_ns and after.st_size != before.st_size
 
-    second = load_split(str(path), _args())
-    assert second["prompt"] == ["新的", "第二", "类型#裤*颜色#红"]
-    assert second["response"] == ["内容", "行", "一条红裤子。"]
+    second = [_pairs(row) for row in load_split(str(path), _args())]
+    assert [row["prompt"] for row in second] == ["新的", "第二", "类型#裤*颜色#红"]
+    assert [row["response"] for row in second] == ["内容", "行", "一条红裤子。"]
 
 
 # ----------------------------------------------------------------------------- Encoder
@@ -257,12 +284,7 @@ def test_load_split_sees_a_rewritten_file(tmp_path):
 def _encode(tokenizer, rows, train, template="chatglm2", max_source_length=64, max_target_length=16, prefix=""):
     fmt = PromptFormat(template, tokenizer, prefix)
     encoder = Encoder(PromptEncoder(tokenizer, fmt, max_source_length), max_target_length, train)
-    batch = {
-        "prompt": [r[0] for r in rows],
-        "response": [r[1] for r in rows],
-        "history": [r[2] if len(r) > 2 else [] for r in rows],
-    }
-    return encoder(batch)
+    return encoder(encoder_batch(rows))
 
 
 def test_training_labels_mask_the_prompt_exactly(tokenizer):
@@ -279,7 +301,7 @@ def test_training_labels_mask_the_prompt_exactly(tokenizer):
     assert labels[n:] == ids[n:] == answer_ids + [eos]
     assert IGNORE_INDEX not in labels[n:]
     assert labels[-1] == eos
-    assert out["source_truncated"] == [False] and out["target_truncated"] == [False]
+    assert out["history_dropped"] == out["query_cut"] == out["target_truncated"] == [False]
 
 
 def test_eval_encoding_is_prompt_only_with_answer_labels(tokenizer):
@@ -294,19 +316,78 @@ def test_eval_encoding_is_prompt_only_with_answer_labels(tokenizer):
 
 
 @pytest.mark.parametrize("max_source_length", [4, 9, 20, 33])
-def test_long_prompt_is_cut_but_keeps_the_cue(tokenizer, max_source_length):
-    full = tokenizer.encode(f"[Round 1]\n\n问：{LONG_TEXT}{CUE}")
+def test_long_query_loses_its_start_but_keeps_the_text_before_it_and_the_cue(tokenizer, max_source_length):
+    full = tokenizer.encode(f"{HEAD}{LONG_TEXT}{CUE}")
+    head = tokenizer.encode(HEAD, add_special_tokens=False)
     cue = tokenizer.encode(CUE, add_special_tokens=False)
-    assert full[-len(cue) :] == cue and len(full) > 2 * max_source_length
+    assert full[: len(head)] == head and full[-len(cue) :] == cue and len(full) > 2 * max_source_length
     out = _encode(tokenizer, [(LONG_TEXT, "好看。")], train=False, max_source_length=max_source_length)
     ids = out["input_ids"][0]
     assert len(ids) == max_source_length
-    keep = min(len(cue), max_source_length // 2)
-    assert ids[max_source_length - keep :] == cue[len(cue) - keep :]  # the (end of the) cue survives
-    assert ids[: max_source_length - keep] == full[: max_source_length - keep]  # the head of the prompt
-    if max_source_length >= 2 * len(cue):
-        assert ids[-len(cue) :] == cue
-    assert out["source_truncated"] == [True]
+    # A budget too small for the round header and the cue gives the cue (its end) at most half.
+    keep_cue = min(len(cue), max_source_length // 2)
+    keep_head = min(len(head), max_source_length - keep_cue)
+    assert ids == full[:keep_head] + full[len(full) - (max_source_length - keep_head) :]
+    if max_source_length >= len(head) + len(cue):
+        assert ids[: len(head)] == head and ids[-len(cue) :] == cue  # the round header and the cue, whole
+        assert tokenizer.decode(ids[len(head) : -len(cue)]) in LONG_TEXT  # the end of the query
+        assert LONG_TEXT.endswith(tokenizer.decode(ids[len(head) : -len(cue)]))
+    assert out["query_cut"] == [True] and out["history_dropped"] == [False]
+
+
+LONG_ROUND = ["上一轮的问题" * 6, "上一轮的回答，比较长的一段话" * 4]
+
+
+def _history_rounds(n):
+    return [[f"第{i}轮：{LONG_ROUND[0]}", f"第{i}轮：{LONG_ROUND[1]}"] for i in range(1, n + 1)]
+
+
+def test_long_history_loses_its_oldest_rounds_and_keeps_the_current_query(tokenizer, tmp_path, caplog):
+    """Issue 17: with a long history the current query must stay whole; the oldest rounds go first."""
+    query, history = "这一轮真正要回答的问题", _history_rounds(3)
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"prompt": query, "response": "回答。", "history": history},
+            {"prompt": "短问题", "response": "短回答。", "history": history[:1]},
+        ],
+    )
+    last_round = f"[Round 1]\n\n问：{history[2][0]}\n\n答：{history[2][1]}\n\n[Round 2]\n\n问：{query}{CUE}"
+    two_rounds = f"[Round 1]\n\n问：{history[1][0]}\n\n答：{history[1][1]}\n\n" + last_round.replace(
+        "[Round 2]", "[Round 3]"
+    ).replace("[Round 1]", "[Round 2]")
+    limit = len(tokenizer.encode(last_round))
+    assert len(tokenizer.encode(two_rounds)) > limit  # so exactly the two oldest rounds must go
+    data_args = _args(prompt_column="prompt", response_column="response", history_column="history")
+    data_args.max_source_length = limit
+    with caplog.at_level(logging.WARNING, logger="glmtune.data"):
+        encoded = tokenize(load_split(str(path), data_args), tokenizer, PromptFormat("chatglm2"), data_args, "train")
+    expected_prompt = tokenizer.encode(last_round)
+    answer = tokenizer.encode("回答。", add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert encoded[0]["input_ids"] == expected_prompt + answer
+    assert encoded[0]["labels"] == [IGNORE_INDEX] * len(expected_prompt) + answer
+    assert encoded["history_dropped"] == [True, False] and encoded["query_cut"] == [False, False]
+    assert "train: 1 of 2 samples were too long and lost their oldest history rounds" in caplog.text
+    assert "start of the query was cut" not in caplog.text
+
+
+def test_a_query_too_long_alone_loses_its_start_after_all_history(tokenizer):
+    rows = [(LONG_TEXT, "好看。", _history_rounds(2))]
+    out = _encode(tokenizer, rows, train=False, max_source_length=24)
+    ids = out["input_ids"][0]
+    head = tokenizer.encode(HEAD, add_special_tokens=False)  # no history left: round 1 again
+    cue = tokenizer.encode(CUE, add_special_tokens=False)
+    assert len(ids) == 24 and ids[: len(head)] == head and ids[-len(cue) :] == cue
+    assert LONG_TEXT.endswith(tokenizer.decode(ids[len(head) : -len(cue)]))
+    assert out["history_dropped"] == [True] and out["query_cut"] == [True]
+
+
+def test_system_text_is_kept_before_the_query_when_history_is_dropped(tokenizer):
+    row = conversation_row("问题", "回答。", _history_rounds(2), system="你是一个助手")
+    expected = tokenizer.encode(f"[Round 1]\n\n问：你是一个助手\n\n问题{CUE}")
+    out = _encode(tokenizer, [row], train=False, max_source_length=len(expected))
+    assert out["input_ids"][0] == expected
+    assert out["history_dropped"] == [True] and out["query_cut"] == [False]
 
 
 def test_long_prompt_with_chat_template_keeps_the_generation_prompt(tokenizer):
@@ -335,7 +416,7 @@ def test_long_answer_is_cut_to_max_target_length_plus_eos(tokenizer):
     ids, labels = out["input_ids"][0], out["labels"][0]
     assert len(ids) == prompt_len + 16 + 1
     assert labels[prompt_len:] == answer_ids[:16] + [tokenizer.eos_token_id]
-    assert out["target_truncated"] == [True] and out["source_truncated"] == [False]
+    assert out["target_truncated"] == [True] and out["query_cut"] == [False]
 
 
 def test_history_goes_into_the_prompt(tokenizer, tmp_path):
@@ -405,9 +486,13 @@ def test_tokenize_logs_truncation_counts(tokenizer, caplog):
     data_args = _args(max_source_length=32)
     with caplog.at_level(logging.WARNING, logger="glmtune.data"):
         train = tokenize(_dataset(rows), tokenizer, PromptFormat("chatglm2"), data_args, "train")
-    assert "train: 2 of 4 prompts were longer than max_source_length 32 and were truncated" in caplog.text
+    assert (
+        "train: 2 of 4 prompts were longer than max_source_length 32 with no history left: the start of the query"
+        in caplog.text
+    )
     assert "train: 1 of 4 answers were longer than 16 tokens and were truncated" in caplog.text
-    assert train["source_truncated"] == [True, True, False, False]
+    assert "lost their oldest history rounds" not in caplog.text
+    assert train["query_cut"] == [True, True, False, False]
     assert all(len(row["input_ids"]) <= 32 + 16 + 1 for row in train)
 
     caplog.clear()
@@ -429,7 +514,7 @@ def test_toy_dev_file_end_to_end(tokenizer):
     assert len(dataset) == 200
     encoded = tokenize(dataset.select(range(16)), tokenizer, PromptFormat("auto", tokenizer), data_args, "train")
     batch = Collator(tokenizer.pad_token_id, "right")([encoded[i] for i in range(16)])
-    first = dataset[0]
+    first = _pairs(dataset[0])
     prompt_ids = tokenizer.encode(f"[Round 1]\n\n问：{first['prompt']}{CUE}")
     assert batch["input_ids"][0, : len(prompt_ids)].tolist() == prompt_ids
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape

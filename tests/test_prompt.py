@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from glmtune.prompt import PromptFormat, Special, resolve_template
+from glmtune.prompt import Conversation, PromptFormat, Special, resolve_template
 
 # A small chat template in the GLM-4 style, written with the tiny tokenizer's special tokens.
 CHAT_TEMPLATE = (
@@ -205,3 +205,50 @@ def test_chatglm3_segments_are_role_tokens_and_separately_tokenized_texts():
     assert fmt.answer_segments("a") == ["\n", "a"]
     assert fmt.stop_tokens() == ("<|user|>", "<|observation|>")
     assert not fmt.framed and PromptFormat("chatglm2").framed
+
+
+# ----------------------------------------------------------------------------- system text, conversations
+
+
+def test_system_text_goes_in_front_of_the_first_user_message_without_a_system_slot():
+    assert PromptFormat("chatglm2").render("q", HISTORY_1, system="S") == (
+        "[Round 1]\n\n问：S\n\nq1\n\n答：a1\n\n[Round 2]\n\n问：q\n\n答："
+    )
+    assert PromptFormat("chatglm").render("q", system="S") == "S\n\nq"
+    assert PromptFormat("raw", source_prefix="P ").render("q", system="S") == "P S\n\nq"
+
+
+def test_system_text_goes_into_the_system_slot(chat_tokenizer):
+    segments = PromptFormat("chatglm3").segments("q", system="S")
+    assert segments == ["[gMASK]", "sop", "<|system|>", "\n", "S", "<|user|>", "\n", "q", "<|assistant|>"]
+    assert isinstance(segments[2], Special)
+    expected = chat_tokenizer.apply_chat_template(
+        [{"role": "system", "content": "S"}, *_messages("q", HISTORY_1)], tokenize=False, add_generation_prompt=True
+    )
+    assert PromptFormat("chat_template", chat_tokenizer).render("q", HISTORY_1, system="S") == expected
+    assert expected.startswith("<|system|>\nS\n<|user|>\nq1\n")
+
+
+@pytest.mark.parametrize("template", ["chatglm2", "chatglm", "chatglm3", "chat_template"])
+def test_pieces_before_a_reply_join_to_its_prompt(chat_tokenizer, template):
+    fmt = PromptFormat(template, chat_tokenizer)  # (source_prefix goes to the last query only)
+    messages = [{"role": m["role"], "content": m["content"]} for m in _messages("q2", HISTORY_1)]
+    conversation = Conversation((*messages, {"role": "assistant", "content": "a2"}), "S")
+    pieces = fmt.pieces(conversation)
+    assert [is_reply for _, is_reply in pieces] == [False, True, False, True]
+    assert [segments for segments, is_reply in pieces if is_reply] == [
+        fmt.answer_segments("a1"),
+        fmt.answer_segments("a2"),
+    ]
+    joined = ["".join(segment for segments, _ in pieces[:end] for segment in segments) for end in (1, 3)]
+    assert joined[1] == "".join(fmt.prompt(Conversation(tuple(messages), "S")))
+    if template != "chatglm":  # ChatGLM-6B writes a lone first round raw
+        assert joined[0] == "".join(fmt.prompt(Conversation(tuple(messages[:1]), "S")))
+
+
+def test_split_at_query_is_what_surrounds_the_last_message():
+    fmt = PromptFormat("chatglm2", source_prefix="PFX")
+    head, tail = fmt.split_at_query(Conversation.from_history("q", HISTORY_1, "S"))
+    assert head == ["PFX[Round 1]\n\n问：S\n\nq1\n\n答：a1\n\n[Round 2]\n\n问："] and tail == ["\n\n答："]
+    head, tail = PromptFormat("chatglm3").split_at_query(Conversation.from_history("q", [], "S"))
+    assert head == ["[gMASK]", "sop", "<|system|>", "\n", "S", "<|user|>", "\n"] and tail == ["<|assistant|>"]

@@ -2,7 +2,8 @@
 
 * messages: optional system (or developer) messages first, then user/assistant turns alternating, the last
   one from the user. Earlier user/assistant pairs become the history; the system messages (joined by a
-  blank line) are put in front of the first user message, as "{system}\\n\\n{first user message}".
+  blank line) go where training puts a record's system text (glmtune.prompt: the format's system slot, or
+  "{system}\\n\\n{first user message}" in formats without one).
   Content is a string or a list of {"type": "text", "text": ...} parts.
 * max_tokens (or max_completion_tokens; default 128), temperature, top_p, stream, n (only 1). Decoding is
   greedy unless temperature > 0, which samples with that temperature and top_p (below 1e-5 it decodes
@@ -123,7 +124,7 @@ def _content(message: dict, index: int) -> str:
 
 
 def parse_messages(messages) -> tuple:
-    """OpenAI messages -> (query, history as [[user, assistant], ...]); see the module docstring for the rules."""
+    """OpenAI messages -> (query, history as [[user, assistant], ...], system); see the module docstring."""
     if messages is None:
         raise invalid("'messages' is required", "messages")
     if not isinstance(messages, list):
@@ -163,10 +164,8 @@ def parse_messages(messages) -> tuple:
         raise invalid("'messages' has no user message", "messages")
     if len(turns) % 2 == 0:
         raise invalid("the last message must be from the user (role 'user'), not 'assistant'", "messages")
-    if system:
-        turns[0] = "\n\n".join(system) + "\n\n" + turns[0]
     history = [[turns[i], turns[i + 1]] for i in range(0, len(turns) - 1, 2)]
-    return turns[-1], history
+    return turns[-1], history, "\n\n".join(system)
 
 
 def parse_request(body, tuned, max_source_length: int) -> Job:
@@ -175,7 +174,7 @@ def parse_request(body, tuned, max_source_length: int) -> Job:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise invalid("'model' must be a string", "model")
-    query, history = parse_messages(body.get("messages"))
+    query, history, system = parse_messages(body.get("messages"))
     n = _number(body, "n", 1, 1, None, integer=True)
     if n != 1:
         raise invalid(f"'n' must be 1: this server returns one choice per request (got {n})", "n")
@@ -195,7 +194,7 @@ def parse_request(body, tuned, max_source_length: int) -> Job:
     max_tokens = _number(body, name, DEFAULT_MAX_NEW_TOKENS, 1, None, integer=True)
     temperature = _number(body, "temperature", 0.0, 0, 2)
     top_p = _number(body, "top_p", 1.0, 0, 1, low_open=True)
-    prompt_ids = tuned.prompts.full_ids(query, history)  # untruncated: a prompt too long is refused, not cut
+    prompt_ids = tuned.prompts.full_ids(query, history, system)  # untruncated: a prompt too long is refused, not cut
     tokens = len(prompt_ids)
     if tokens > max_source_length:
         raise invalid(

@@ -14,7 +14,7 @@ from transformers import TextIteratorStreamer
 
 from glmtune import lora, ptuning
 from glmtune.arguments import DEFAULT_MAX_SOURCE_LENGTH, LoraArguments, ModelArguments, PtuningArguments
-from glmtune.data import PromptEncoder
+from glmtune.encoding import PromptEncoder
 from glmtune.errors import GlmtuneError
 from glmtune.generation import blank_stop_tokens
 from glmtune.model import load_base_model, load_tokenizer
