@@ -9,10 +9,14 @@ from glmtune.errors import GlmtuneError, exit_with
 def main(method: str, argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     from glmtune.parsing import parse_args  # imported here so that --help stays fast
+    from glmtune.report import quiet_progress_bars
     from glmtune.workflow import run
 
     try:
-        return run(parse_args(method, argv))
+        config = parse_args(method, argv)
+        if quiet_progress_bars():
+            config.training.disable_tqdm = True  # Trainer then prints each step's log line instead of a bar
+        return run(config)
     except GlmtuneError as error:
         exit_with(error)
     finally:

@@ -10,7 +10,7 @@ import os
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from glmtune import speed
+from glmtune import report, speed
 from glmtune.data import Collator, PaddingFreeCollator, load_split, tokenize
 from glmtune.errors import GlmtuneError
 from glmtune.lora import add_lora
@@ -139,6 +139,7 @@ def build_trainer(
         generate_kwargs=generate_kwargs,
         generate_eagerly=bool(config.run.compile_layers),
         target_token_loss=config.run.target_token_loss,
+        callbacks=[report.LossCurve()] if training.do_train else None,
     )
 
 
@@ -152,6 +153,8 @@ def train(trainer: GlmtuneTrainer, config: RunConfig, samples: int) -> dict:
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
+    if trainer.is_world_process_zero():
+        print(report.training_summary(config), flush=True)
     return metrics
 
 
