@@ -10,11 +10,15 @@ from glmtune.errors import GlmtuneError, exit_with
 def main(method: str, argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     from glmtune.parsing import parse_args  # imported here so that --help stays fast
+    from glmtune.report import quiet_progress_bars
     from glmtune.runs import RunFinished
     from glmtune.workflow import run
 
     try:
-        return run(parse_args(method, argv))
+        config = parse_args(method, argv)
+        if quiet_progress_bars():
+            config.training.disable_tqdm = True  # Trainer then prints each step's log line instead of a bar
+        return run(config)
     except RunFinished as finished:  # not an error: the run asked for is complete
         print(f"glmtune: {finished}", file=sys.stderr)
         sys.exit(0)

@@ -10,7 +10,7 @@ import logging
 from accelerate import PartialState
 from transformers import set_seed
 
-from glmtune import runs, speed
+from glmtune import report, runs, speed
 from glmtune.data import Collator, PaddingFreeCollator, load_split, tokenize
 from glmtune.lora import add_lora, check_targets_early
 from glmtune.metrics import ComputeMetrics
@@ -146,6 +146,7 @@ def build_trainer(
         generate_eagerly=bool(config.run.compile_layers),
         run_identity=identity,
         target_token_loss=config.run.target_token_loss,
+        callbacks=[report.LossCurve()] if training.do_train else None,
     )
 
 
@@ -158,6 +159,8 @@ def train(trainer: GlmtuneTrainer, config: RunConfig, samples: int) -> dict:
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
+    if trainer.is_world_process_zero():
+        print(report.training_summary(config), flush=True)
     return metrics
 
 

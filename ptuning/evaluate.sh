@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # P-Tuning v2 evaluation, in the shape of ChatGLM-6B's ptuning/evaluate.sh: generate an answer for every
 # row of TEST_FILE, write OUTPUT_DIR/generated_predictions.txt and predict_results.json (Rouge-1/2/L, BLEU-4).
-# CHECKPOINT is the training output folder (final weights) or one of its checkpoint-N folders (set STEP);
-# CHECKPOINT=none scores the base model alone, for a before/after comparison.
+# CHECKPOINT is the training output folder (final weights) or one of its checkpoint-N folders (set STEP); by
+# default train.sh's OUTPUT_DIR for the same variables. CHECKPOINT=none scores the base model alone;
+# COMPARE_BASE=1 scores the checkpoint and the base in one go and prints both side by side.
+# Paths are relative to the folder you run it from.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/../scripts/common.sh"  # REPO; paths you give are relative to where you run this
 
 ### model
-MODEL=${MODEL:-models/tiny-glm}
+MODEL=${MODEL:-$REPO/models/tiny-glm}
 QUANTIZATION_BIT=${QUANTIZATION_BIT:-}
+TRAIN_FILE=${TRAIN_FILE:-$REPO/data/adgen-toy/train.json}   # with PRE_SEQ_LEN and LR: names the default CHECKPOINT
 PRE_SEQ_LEN=${PRE_SEQ_LEN:-32}
 LR=${LR:-2e-2}
-CHECKPOINT=${CHECKPOINT:-output/adgen-toy-pt-$PRE_SEQ_LEN-$LR}
+CHECKPOINT=${CHECKPOINT:-output/$(data_name "$TRAIN_FILE")-pt-$PRE_SEQ_LEN-$LR}
 STEP=${STEP:-}                                # e.g. 300 to use $CHECKPOINT/checkpoint-300
+COMPARE_BASE=${COMPARE_BASE:-0}               # 1: also score the untuned base (in OUTPUT_DIR/base), print both
 ### data
-TEST_FILE=${TEST_FILE:-data/adgen-toy/dev.json}
+TEST_FILE=${TEST_FILE:-$REPO/data/adgen-toy/dev.json}
 DATA_FORMAT=${DATA_FORMAT:-}                  # prompt_response, alpaca, conversations or messages; empty: detected
 PROMPT_COLUMN=${PROMPT_COLUMN:-content}
 RESPONSE_COLUMN=${RESPONSE_COLUMN:-summary}
@@ -33,27 +37,36 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}         # node 0's address and a free port
 MASTER_PORT=${MASTER_PORT:-29500}
 DEEPSPEED=${DEEPSPEED:-}                      # a DeepSpeed config, e.g. scripts/deepspeed/zero3.json; empty: none
 
-bash scripts/ensure_model.sh "$MODEL"
+check_compare_base
+ensure_model "$MODEL"
 extra=()
 [ -n "$QUANTIZATION_BIT" ] && extra+=(--quantization_bit "$QUANTIZATION_BIT")
 [ -n "$HISTORY_COLUMN" ] && extra+=(--history_column "$HISTORY_COLUMN")
 [ -n "$DATA_FORMAT" ] && extra+=(--data_format "$DATA_FORMAT")
-source scripts/launch.sh                      # sets launch (python or torchrun), adds --deepspeed
+source "$REPO/scripts/launch.sh"              # sets launch (python or torchrun), adds --deepspeed
+tuned=()
 if [ "$CHECKPOINT" = "none" ]; then
     OUTPUT_DIR=${OUTPUT_DIR/#none/output/base-model}
 else
-    extra+=(--ptuning_checkpoint "$CHECKPOINT${STEP:+/checkpoint-$STEP}")
+    tuned=(--ptuning_checkpoint "$CHECKPOINT${STEP:+/checkpoint-$STEP}")
 fi
 
-"${launch[@]}" ptuning/main.py \
-    --do_predict \
-    --model_name_or_path "$MODEL" \
-    --test_file "$TEST_FILE" \
-    --prompt_column "$PROMPT_COLUMN" \
-    --response_column "$RESPONSE_COLUMN" \
-    --max_source_length "$MAX_SOURCE_LENGTH" \
-    --max_target_length "$MAX_TARGET_LENGTH" \
-    --per_device_eval_batch_size "$EVAL_BATCH_SIZE" \
-    --output_dir "$OUTPUT_DIR" \
-    --report_to none \
-    "${extra[@]}" "$@"
+predict() {                                   # predict FOLDER [flags]: answer and score every row of TEST_FILE
+    "${launch[@]}" "$REPO/ptuning/main.py" \
+        --do_predict \
+        --model_name_or_path "$MODEL" \
+        --test_file "$TEST_FILE" \
+        --prompt_column "$PROMPT_COLUMN" \
+        --response_column "$RESPONSE_COLUMN" \
+        --max_source_length "$MAX_SOURCE_LENGTH" \
+        --max_target_length "$MAX_TARGET_LENGTH" \
+        --per_device_eval_batch_size "$EVAL_BATCH_SIZE" \
+        --output_dir "$1" \
+        --report_to none \
+        "${extra[@]}" "${@:2}"
+}
+predict "$OUTPUT_DIR" "${tuned[@]}" "$@"
+if [ "$COMPARE_BASE" = 1 ]; then
+    predict "$OUTPUT_DIR/base" "$@"
+    compare_with_base "$OUTPUT_DIR" "$CHECKPOINT${STEP:+/checkpoint-$STEP}"
+fi

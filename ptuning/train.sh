@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # P-Tuning v2 training, in the shape of ChatGLM-6B's ptuning/train.sh.
-# As shipped it trains the embedded tiny model on the toy ADGEN data (built on first use, no download).
+# As shipped it trains the embedded tiny model on the toy ADGEN data (built on first use, no download), from any
+# folder: the paths you set are relative to the folder you run it from.
 # For your own run, edit the variables below (or set them in the environment), e.g. for ChatGLM's
 # published recipe: MODEL=/path/to/glm-4-9b TRAIN_FILE=AdvertiseGen/train.json DEV_FILE=AdvertiseGen/dev.json
 #   PRE_SEQ_LEN=128 LR=2e-2 QUANTIZATION_BIT=4 MAX_SOURCE_LENGTH=64 MAX_TARGET_LENGTH=64 BATCH_SIZE=1 GRAD_ACCUM=16 MAX_STEPS=3000
 # On a GPU, BATCH_SIZE x GRAD_ACCUM (16) is run as fits MAX_MEMORY_GIB: on an H200 limited to 6 GiB that recipe ran
 # 16 x 1 with every layer checkpointed, 3000 steps in about 16 min (P-Tuning v2) / 21 min (LoRA); docs/benchmarks.md.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/../scripts/common.sh"  # REPO; paths you give are relative to where you run this
 
 ### model
-MODEL=${MODEL:-models/tiny-glm}              # local model folder; models/tiny-glm is built when missing
+MODEL=${MODEL:-$REPO/models/tiny-glm}         # local model folder; models/tiny-glm is built when missing
 QUANTIZATION_BIT=${QUANTIZATION_BIT:-}        # 4 or 8 to quantize the frozen base (CUDA GPU + bitsandbytes); empty: none
 ### data
-TRAIN_FILE=${TRAIN_FILE:-data/adgen-toy/train.json}
-DEV_FILE=${DEV_FILE:-data/adgen-toy/dev.json}
+TRAIN_FILE=${TRAIN_FILE:-$REPO/data/adgen-toy/train.json}
+DEV_FILE=${DEV_FILE:-$REPO/data/adgen-toy/dev.json}
 DATA_FORMAT=${DATA_FORMAT:-}                  # prompt_response, alpaca, conversations or messages (data/README.md);
                                               # empty: detected from each file's first record
 PROMPT_COLUMN=${PROMPT_COLUMN:-content}       # prompt_response's fields
@@ -33,7 +34,7 @@ MAX_MEMORY_GIB=${MAX_MEMORY_GIB:-}            # GPU memory the run may use: on a
                                               # ancestors' 1 x 16 runs as e.g. 16 x 1). Empty: what the GPU has free.
 MAX_STEPS=${MAX_STEPS:-200}
 SAVE_STEPS=${SAVE_STEPS:-100}
-OUTPUT_DIR=${OUTPUT_DIR:-output/adgen-toy-pt-$PRE_SEQ_LEN-$LR}
+OUTPUT_DIR=${OUTPUT_DIR:-output/$(data_name "$TRAIN_FILE")-pt-$PRE_SEQ_LEN-$LR}  # e.g. output/adgen-toy-train-pt-32-2e-2
 PREVIOUS_RUN=${PREVIOUS_RUN:-move}            # OUTPUT_DIR holding another run's files: move them aside to
                                               # OUTPUT_DIR.previous-<time> (move) or stop (refuse); to continue that
                                               # run instead: bash <this script> --resume_from_checkpoint last
@@ -46,7 +47,7 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}         # node 0's address and a free port
 MASTER_PORT=${MASTER_PORT:-29500}
 DEEPSPEED=${DEEPSPEED:-}                      # a DeepSpeed config, e.g. scripts/deepspeed/zero3.json; empty: none
 
-bash scripts/ensure_model.sh "$MODEL"
+ensure_model "$MODEL"
 extra=()
 [ -n "$QUANTIZATION_BIT" ] && extra+=(--quantization_bit "$QUANTIZATION_BIT")
 [ -n "$MAX_MEMORY_GIB" ] && extra+=(--max_memory_gib "$MAX_MEMORY_GIB")
@@ -57,9 +58,9 @@ case "$PREVIOUS_RUN" in
 esac
 [ -n "$HISTORY_COLUMN" ] && extra+=(--history_column "$HISTORY_COLUMN")
 [ -n "$DATA_FORMAT" ] && extra+=(--data_format "$DATA_FORMAT")
-source scripts/launch.sh                      # sets launch (python or torchrun), adds --deepspeed
+source "$REPO/scripts/launch.sh"              # sets launch (python or torchrun), adds --deepspeed
 
-"${launch[@]}" ptuning/main.py \
+"${launch[@]}" "$REPO/ptuning/main.py" \
     --do_train \
     --model_name_or_path "$MODEL" \
     --train_file "$TRAIN_FILE" \

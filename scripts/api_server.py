@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP API for a tuned model (FastAPI + uvicorn): GET /v1/models, POST /v1/chat/completions.
 
     bash scripts/api_server.sh                                    # the embedded tiny model on 127.0.0.1:8000
-    python scripts/api_server.py --model_name_or_path MODEL --checkpoint output/adgen-toy-lora --port 8000
+    python scripts/api_server.py --model_name_or_path MODEL --checkpoint output/adgen-toy-train-lora-8-5e-3 --port 8000
 
     curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"model": "glm", "messages": [{"role": "user", "content": "类型#裙*颜色#蓝色"}], "max_tokens": 32}'

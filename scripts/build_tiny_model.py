@@ -22,6 +22,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
+from glmtune.report import quiet_progress_bars
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PRETRAIN_STEPS = 200
@@ -127,6 +129,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=PRETRAIN_STEPS, help="pretraining steps (0: random weights)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    quiet_progress_bars()
     start = time.time()
     staging = args.out.rstrip("/") + ".partial"
     loss = build(args.data, staging, steps=args.steps, seed=args.seed)

@@ -1,7 +1,7 @@
 """Chat with a base model or a tuned one in the terminal, in the style of ChatGLM's cli_demo.py.
 
     bash scripts/cli_demo.sh                                   # the embedded tiny model, untuned
-    CHECKPOINT=output/adgen-toy-lora-8-5e-3 bash scripts/cli_demo.sh
+    CHECKPOINT=output/adgen-toy-train-lora-8-5e-3 bash scripts/cli_demo.sh
     python3 scripts/cli_demo.py --model_name_or_path /path/to/glm-4-9b --checkpoint output/my-pt --quantization_bit 4
 
 Type a message to chat (the earlier rounds are kept, in the model's own prompt format); "clear" forgets

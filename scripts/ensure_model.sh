@@ -1,9 +1,5 @@
 #!/usr/bin/env bash
-# Build the embedded tiny model when the scripts point at it and it is not there yet.
+# Build the embedded tiny model when the scripts point at it and it is not there yet: bash scripts/ensure_model.sh MODEL
 set -euo pipefail
-MODEL=$1
-cd "$(dirname "$0")/.."
-if [ "$MODEL" = "models/tiny-glm" ] && [ ! -f "$MODEL/config.json" ]; then
-    echo "Building the embedded tiny model in $MODEL (first run only) ..."
-    ${PYTHON:-python3} scripts/build_tiny_model.py --out "$MODEL"
-fi
+source "$(dirname "$0")/common.sh"
+ensure_model "$1"

@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# Sourced by ptuning/ and lora/ train.sh and evaluate.sh after their variables: sets `launch`, the command
-# that starts main.py, and adds --deepspeed to `extra`. One process per GPU, always:
+# Sourced by ptuning/ and lora/ train.sh and evaluate.sh after common.sh and their variables: sets `launch`, the
+# command that starts main.py, and adds --deepspeed to `extra`. One process per GPU, always:
 #   NUM_GPUS=1, NNODES=1, no DEEPSPEED (the defaults): one plain `$PYTHON main.py` process, as before.
 #   NUM_GPUS=N: N data-parallel processes on this machine through torchrun. Never one process driving several
 #     GPUs: the ChatGLM scripts' DataParallel ran out of memory on the first GPU (glmtune refuses it).
 #   NNODES=M: N processes on each of M machines; run the script on every one with its NODE_RANK (0..M-1) and
 #     node 0's address and a free port there (MASTER_ADDR, MASTER_PORT). OUTPUT_DIR must be shared storage.
 #   DEEPSPEED=scripts/deepspeed/zero3.json: HF Trainer's DeepSpeed integration with that config (CUDA GPUs).
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 NUM_GPUS=${NUM_GPUS:-1}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}

@@ -1,6 +1,6 @@
 """Merge a LoRA adapter into its base model: a plain model folder that transformers loads alone.
 
-    CHECKPOINT=output/adgen-toy-lora-8-5e-3 bash lora/merge.sh
+    CHECKPOINT=output/adgen-toy-train-lora-8-5e-3 bash lora/merge.sh
     python3 scripts/merge_lora.py --model_name_or_path /path/to/glm-4-9b --checkpoint output/my-lora \\
         --output output/my-lora-merged --torch_dtype bfloat16
 
@@ -15,6 +15,7 @@ import logging
 import os
 
 from glmtune.errors import GlmtuneError, exit_with
+from glmtune.report import quiet_progress_bars
 from glmtune.serve import options
 
 logger = logging.getLogger("merge_lora")
@@ -101,6 +102,7 @@ def merge(args) -> str:
 def main(argv=None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_args(argv)
+    quiet_progress_bars()
     try:
         check_args(args)
         output = merge(args)

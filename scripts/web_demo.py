@@ -2,7 +2,7 @@
 
     bash scripts/web_demo.sh                                   # tiny model, CHECKPOINT=... for yours
     python scripts/web_demo.py --model_name_or_path models/tiny-glm \\
-        --checkpoint output/adgen-toy-pt-32-2e-2/checkpoint-200
+        --checkpoint output/adgen-toy-train-pt-32-2e-2/checkpoint-200
 
 Then open http://127.0.0.1:7860. Needs the demo extras: bash scripts/setup_demo.sh.
 

@@ -235,3 +235,23 @@ def test_cli_malformed_file_exits_2_with_one_line_error(tmp_path):
     assert f"{path}:2:" in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_cli_puts_several_files_side_by_side(tmp_path):
+    base = write_lines(tmp_path / "base.txt", [line("我爱北京天安门", "今日晴朗")])
+    tuned = write_lines(tmp_path / "tuned.txt", GOOD_LINES)
+    out = tmp_path / "scores.json"
+    result = run_cli(base, tuned, "--labels", "untuned base", "tuned", "--output", out)
+    assert result.returncode == 0, result.stderr
+    expected = {"untuned base": score_file(base), "tuned": score_file(tuned)}
+    rows = result.stdout.splitlines()
+    assert rows[0].split() == ["metric", "untuned", "base", "tuned"]
+    for key, row in zip(METRIC_KEYS, rows[1:]):
+        assert row.split() == [key, f"{expected['untuned base'][key]:.4f}", f"{expected['tuned'][key]:.4f}"]
+    assert json.loads(out.read_text(encoding="utf-8")) == expected
+
+
+def test_cli_wants_one_label_per_file(tmp_path):
+    path = write_lines(tmp_path / "p.txt", GOOD_LINES)
+    result = run_cli(path, path, "--labels", "only one")
+    assert (result.returncode, result.stderr) == (2, "error: --labels: 1 given for 2 paths (one per path)\n")

@@ -82,7 +82,10 @@ def load(args):
     found = problems(args)
     if found:
         raise GlmtuneError("\n".join(found))
+    from glmtune.report import quiet_progress_bars
     from glmtune.serve.tuned import load_tuned
+
+    quiet_progress_bars()
 
     return load_tuned(
         args.model_name_or_path,
