@@ -18,6 +18,11 @@ METHOD_FLAGS = {
 
 
 def run(method, model_dir, output_dir, *flags):
+    return main(method, argv(model_dir, output_dir, *flags))
+
+
+def argv(model_dir, output_dir, *flags) -> list:
+    """The command line the tests' runs share (small lengths and samples), then ``flags``."""
     common = [
         "--model_name_or_path",
         str(model_dir),
@@ -46,7 +51,7 @@ def run(method, model_dir, output_dir, *flags):
         "--dataloader_num_workers",
         "0",
     ]
-    return main(method, common + list(flags))
+    return common + list(flags)
 
 
 def train_flags(method, steps=6, save_steps=3):

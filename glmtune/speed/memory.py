@@ -256,6 +256,7 @@ def fit_training(config, model, train_dataset, collator) -> Plan | None:
         return None
     effective = training.per_device_train_batch_size * training.gradient_accumulation_steps
     budget = _budget_bytes(config.run.max_memory_gib)
+    _move_to_gpu(model, training.device)
     held = torch.cuda.memory_allocated() + _optimizer_bytes(model)
     if held > budget * (1 - HEADROOM):
         raise GlmtuneError(
@@ -289,6 +290,13 @@ def fit_training(config, model, train_dataset, collator) -> Plan | None:
         plan.describe(num_layers),
     )
     return plan
+
+
+def _move_to_gpu(model, device) -> None:
+    """A 16/32-bit base is loaded on the CPU and moved by the Trainer; it is measured where it will train
+    (moving it first is what the Trainer would do: it leaves a model already on its device where it is)."""
+    if model.device.type != "cuda":
+        model.to(device)
 
 
 def _not_planned(config) -> str | None:
