@@ -94,6 +94,22 @@ def test_a_smaller_budget_checkpoints_just_enough_layers():
     assert best.samples_per_s == max(plan.samples_per_s for plan in plans)
 
 
+def test_noisy_small_probes_never_make_checkpointing_look_faster():
+    """The bf16 LoRA probes of 2026-12-03 on an H200 (GiB, seconds): with every layer checkpointed the times at
+    micro-batch 2 and 4 came out 0.203 and 0.185, a flat line that predicted 16 x 1 with checkpointing at 79
+    samples/s and chose it for a 24 GiB budget where 16 x 1 without fits (measured: 75 samples/s)."""
+    from glmtune.speed.memory import Probe, choose
+
+    measured = [(1, 0.0, 12.51, 0.120), (2, 0.0, 13.16, 0.116), (4, 0.0, 14.45, 0.147),
+                (1, 1.0, 11.94, 0.195), (2, 1.0, 12.03, 0.203), (4, 1.0, 12.21, 0.185)]  # fmt: skip
+    found = [Probe(m, share, peak * GIB, seconds) for m, share, peak, seconds in measured]
+    best = choose(found, effective_batch=16, num_layers=28, budget_bytes=24 * 0.95 * GIB)[0]
+    assert (best.micro_batch, best.every_n_layers) == (16, None)
+    # 13 GiB: without checkpointing only 1 x 16 fits; 8 x 2 with every layer checkpointed is 3x faster
+    best = choose(found, effective_batch=16, num_layers=28, budget_bytes=13.0 * GIB)[0]
+    assert (best.micro_batch, best.every_n_layers) == (8, 1)
+
+
 def test_a_small_budget_checkpoints_every_layer():
     from glmtune.speed.memory import choose
 
