@@ -20,7 +20,7 @@ from glmtune.records import FEATURES, detect_format, read_records
 
 logger = logging.getLogger(__name__)
 
-READER_VERSION = 2  # bump when read_records changes what it yields, to invalidate cached datasets
+READER_VERSION = 3  # bump when read_records changes what it yields, to invalidate cached datasets
 
 
 # ----------------------------------------------------------------------------- reading

@@ -56,15 +56,23 @@ def read_records(path: str, data_format: str, columns=("content", "summary", Non
             f"{path}: --data_format {data_format} needs JSON (a list of messages per record); CSV and TSV files hold "
             "prompt_response or alpaca columns"
         )
-    count = 0
+    count, with_history, first_fields = 0, 0, ""
+    history_column = columns[2] if data_format == "prompt_response" else None
     for where, record in file_records(path):
         count += 1
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        first_fields = first_fields or _fields(record)
+        with_history += history_column in record
         row = _normalize(where, record, data_format, columns, tabular)
         yield {**row, "where": where, "keep": _kept(where, record, keep_columns)}
     if count == 0:
         raise DataError(f"{path}: no records in the file ({DATA_README})")
+    if history_column and not with_history:  # a record may lack it (a first round); a file where none has it: a typo
+        raise DataError(
+            f"{path}: no record has the field '{history_column}' (--history_column); fields of the first record: "
+            f"{first_fields}"
+        )
 
 
 def _normalize(where: str, record: dict, data_format: str, columns, tabular: bool) -> dict:

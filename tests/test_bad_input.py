@@ -184,6 +184,25 @@ CASES = [
         ),
     ),
     (
+        "history-column-typo",  # issue 17: trained without any history, exit 0
+        lambda c: (
+            c.train(
+                "ptuning",
+                p := c.jsonl("h.jsonl", [{**GOOD, "history": [["q", "a"]]}, GOOD]),
+                "--history_column",
+                "histroy",
+            ),
+            [[str(p), "no record has the field 'histroy' (--history_column)", "content, history, summary"]],
+        ),
+    ),
+    (
+        "history-column-typo-in-eval-csv",
+        lambda c: (
+            c.predict("lora", p := c.file("t.csv", "content,summary,history\nc,s,[]\n"), "--history_column", "hist"),
+            [[str(p), "no record has the field 'hist'"]],
+        ),
+    ),
+    (
         "non-utf8-bytes",
         lambda c: (
             c.train(

@@ -64,7 +64,8 @@ def test_tiny_benchmark_measures_both_sides_of_each_row(tmp_path):
     assert len(table) == 1 + len(results)  # header + one line per result
     static = [r for r in results if r["impl"].endswith(" static")]
     # how many static-cache answers equal the dynamic cache's (bf16 rounding flips near-tied tokens of a random model)
-    assert len(static) == 2 and all(re.fullmatch(r"[0-6] same, first token [0-6]/6, common start [0-9.]+ tokens", r["note"]) for r in static)
+    agreement = r"[0-6] same, first token [0-6]/6, common start [0-9.]+ tokens"
+    assert len(static) == 2 and all(re.fullmatch(agreement, r["note"]) for r in static)
     assert " 1x128 | " in table[1] and "x |" in table[1]  # glmtune's rows carry their ratio to the naive row
     assert "nan" not in "".join(table)  # figures not measured (memory without CUDA, loss of generation) are left blank
 
