@@ -89,7 +89,7 @@ def _parse(method: str, parser, args) -> RunConfig:
         else:
             parsed = parser.parse_args_into_dataclasses(_on_cpu_without_gpu(list(args)))
     except ValueError as error:  # TrainingArguments' own checks, unknown keys in a dict/json
-        raise ArgumentsError([str(error)]) from None
+        raise ArgumentsError([_unknown_flags(error)]) from None
     except FileNotFoundError:
         raise ArgumentsError([f"{args[0]}: no such argument file"]) from None
     except json.JSONDecodeError as error:
@@ -268,6 +268,25 @@ def _task_problems(config: RunConfig) -> list[str]:
     return problems + _keep_columns_problems(config)
 
 
+def _unknown_flags(error: ValueError) -> str:
+    """HfArgumentParser's "Some specified arguments are not used by the HfArgumentParser: [...]" in a user's words
+    (a flag of another version, e.g. transformers 4's --warmup_ratio, or a typo)."""
+    message = str(error)
+    prefix = "Some specified arguments are not used by the HfArgumentParser: "
+    if not message.startswith(prefix):
+        return message
+    return f"unknown flags: {' '.join(_as_list(message[len(prefix) :]))} (--help lists the flags)"
+
+
+def _as_list(text: str) -> list:
+    import ast
+
+    try:
+        return [str(x) for x in ast.literal_eval(text)]
+    except (ValueError, SyntaxError):
+        return [text]
+
+
 def _path_problems(config: RunConfig) -> list[str]:
     problems = []
     for flag in ("train_file", "validation_file", "test_file"):
@@ -281,11 +300,29 @@ def _path_problems(config: RunConfig) -> list[str]:
         ("ptuning_checkpoint", config.ptuning.ptuning_checkpoint),
         ("lora_checkpoint", config.lora.lora_checkpoint),
     ):
-        if path is not None and not os.path.isdir(path):
-            problems.append(f"--{flag} {path}: no such folder")
+        if path is not None:
+            problems += _checkpoint_problems(flag, path)
     problems += _output_dir_problems(config)
     problems += _resume_problems(config)
     return problems
+
+
+def _checkpoint_problems(flag: str, path: str) -> list[str]:
+    """The folder exists and holds the method's files (a wrong folder fails here, before the base is loaded)."""
+    from glmtune import lora, ptuning
+
+    if not os.path.isdir(path):
+        return [f"--{flag} {path}: no such folder"]
+    if flag == "lora_checkpoint" and not lora.is_checkpoint(path):
+        hint = ": it holds a P-Tuning v2 prefix (--ptuning_checkpoint)" if ptuning.is_checkpoint(path) else ""
+        return [f"--lora_checkpoint {path}: not a LoRA adapter folder (no {lora.CONFIG_FILE}){hint}"]
+    if flag == "ptuning_checkpoint" and not ptuning.is_checkpoint(path):
+        hint = ": it holds a LoRA adapter (--lora_checkpoint)" if lora.is_checkpoint(path) else ""
+        return [
+            f"--ptuning_checkpoint {path}: not a P-Tuning v2 checkpoint (no {ptuning.CONFIG_FILE}, nor the "
+            f"ancestors' {ptuning.ORIGINAL_WEIGHTS}){hint}"
+        ]
+    return []
 
 
 def _data_file_problems(flag: str, path) -> list[str]:

@@ -86,6 +86,10 @@ class Case:
         ]
         return method, argv + [str(x) for x in extra]
 
+    def folder(self, name):
+        (self.tmp / name).mkdir()
+        return self.tmp / name
+
     def copy(self, source, name):
         return shutil.copytree(source, self.tmp / name)
 
@@ -453,6 +457,34 @@ CASES = [
         lambda c: (
             c.predict("ptuning", TOY_DEV, checkpoint=(p := c.tmp / "no-ckpt")),
             [["--ptuning_checkpoint", str(p), "no such folder"]],
+        ),
+    ),
+    (
+        "unknown-flags",  # a typo, and transformers 4's --warmup_ratio (gone in 5): one plain line
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--lora_rnk", "3", "--warmup_ratio", "0.1"),
+            [["unknown flags: --lora_rnk 3 --warmup_ratio 0.1", "--help"]],
+        ),
+    ),
+    (
+        "lora-checkpoint-is-a-prefix",  # was refused only after loading the base, by PEFT's message
+        lambda c: (
+            c.predict("lora", TOY_DEV, checkpoint=c.ptuning_checkpoint),
+            [["--lora_checkpoint", "not a LoRA adapter folder (no adapter_config.json)", "--ptuning_checkpoint"]],
+        ),
+    ),
+    (
+        "ptuning-checkpoint-is-an-adapter",
+        lambda c: (
+            c.predict("ptuning", TOY_DEV, checkpoint=c.lora_checkpoint),
+            [["--ptuning_checkpoint", "not a P-Tuning v2 checkpoint", "--lora_checkpoint"]],
+        ),
+    ),
+    (
+        "lora-checkpoint-empty-folder",
+        lambda c: (
+            c.predict("lora", TOY_DEV, checkpoint=(p := c.folder("empty"))),
+            [[f"--lora_checkpoint {p}: not a LoRA adapter folder"]],
         ),
     ),
     # ---- output and resume folders
