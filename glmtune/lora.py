@@ -3,7 +3,7 @@
 * **What is added**: PEFT's LoRA layers on every linear layer of the decoder (or ``--lora_target``).
 * **What trains**: the LoRA matrices only (PEFT keeps them float32).
 * **What is saved**: a standard PEFT adapter folder, ``adapter_model.safetensors`` + ``adapter_config.json``,
-  which ``PeftModel.from_pretrained`` loads.
+  which ``PeftModel.from_pretrained`` loads, PEFT 0.6 and later (:mod:`glmtune.adapter_config`).
 * **Merging**: :func:`merge_and_save` folds an adapter into its base and saves a plain model folder.
 """
 
@@ -16,13 +16,12 @@ import torch
 from safetensors import SafetensorError
 
 from glmtune import chatglm
+from glmtune.adapter_config import CONFIG_FILE, WEIGHTS_FILE
 from glmtune.arguments import LoraArguments
 from glmtune.errors import GlmtuneError
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 # The original LoRA recipes' targets on the original ChatGLM models (ChatGLM-Tuning, ChatGLM3 finetune_demo,
 # PromptCBLUE): every linear layer of the decoder, by their original names.
 CHATGLM_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]

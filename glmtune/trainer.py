@@ -3,7 +3,8 @@
 Checkpoints (``checkpoint-N/`` and the final output folder):
 
 * P-Tuning v2: ``prefix_encoder.safetensors`` + ``prefix_config.json`` (:func:`glmtune.ptuning.save_checkpoint`);
-* LoRA: PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` (``PeftModel.from_pretrained`` loads it);
+* LoRA: PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` (``PeftModel.from_pretrained`` loads it;
+  the config rewritten so that PEFT 0.6 and later all load it: :mod:`glmtune.adapter_config`);
 * both: tokenizer files, ``training_args.bin``, and in step checkpoints the optimizer, scheduler, RNG and
   ``trainer_state.json`` that ``--resume_from_checkpoint`` needs.
 
@@ -27,7 +28,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from glmtune import ptuning, runs
+from glmtune import adapter_config, ptuning, runs
 from glmtune.generation import blank_stop_tokens
 from glmtune.metrics import decode_texts
 
@@ -86,7 +87,10 @@ class GlmtuneTrainer(Seq2SeqTrainer):
     def _save_trained_weights(self, output_dir: str, _internal_call: bool) -> None:
         model = self.accelerator.unwrap_model(self.model)
         if not ptuning.is_prefix_tuned(model):
-            return super().save_model(output_dir, _internal_call)
+            super().save_model(output_dir, _internal_call)
+            if self.args.should_save and os.path.isfile(os.path.join(output_dir, adapter_config.CONFIG_FILE)):
+                adapter_config.make_portable(output_dir)  # PEFT 0.6-0.13 refuse the keys newer versions write
+            return
         with _gathered(model.prefix_encoder, self.is_deepspeed_enabled):
             if self.args.should_save:
                 ptuning.save_checkpoint(model, output_dir)
