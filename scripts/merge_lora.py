@@ -31,7 +31,7 @@ def parse_args(argv=None):
     # The merge needs the full-precision base: float32 unless asked otherwise, and --quantization_bit is refused.
     parser.set_defaults(torch_dtype="float32")
     merge = parser.add_argument_group("merge")
-    merge.add_argument("--output", default=None, help="merged model folder (default: CHECKPOINT-merged)")
+    merge.add_argument("--output", default=None, help="merged model folder (default: the last CHECKPOINT + -merged)")
     merge.add_argument("--max_shard_size", default="2GB", help="largest *.safetensors file, e.g. 2GB, 500MB")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT folder")
     return parser.parse_args(argv)
