@@ -158,7 +158,7 @@ def _check_targets(model, targets, spec: str) -> None:
     if isinstance(targets, str):  # "all-linear": PEFT's own rule
         return
     names = [name for name, _ in model.named_modules()]
-    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+    missing = [t for t in targets if not any(vocabulary.covers(t, name) for name in names)]
     if missing:
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_linear(m)} - {""})
         raise GlmtuneError(

@@ -107,11 +107,8 @@ def check_embeddings_early(config: RunConfig, tokenizer_size: int) -> None:
     """A tokenizer with more tokens than the base's embeddings (glmtune.vocabulary), checked on an empty copy of
     the base before the data is tokenized: only LoRA can train and save the rows a resize adds."""
     model = empty_model(config.model)
-    if model is not None:
-        check_embeddings(config, model, tokenizer_size)
-
-
-def check_embeddings(config: RunConfig, model, tokenizer_size: int) -> None:
+    if model is None:
+        return
     if config.method == "lora" and (config.training.do_train or config.lora.lora_checkpoint):
         check_vocabulary(model, config.lora, tokenizer_size)
     elif config.method == "ptuning" and (config.training.do_train or config.ptuning.ptuning_checkpoint):
@@ -121,11 +118,14 @@ def check_embeddings(config: RunConfig, model, tokenizer_size: int) -> None:
 
 
 def attach_method(config: RunConfig, model, tokenizer_size: int):
-    check_embeddings(config, model, tokenizer_size)  # again, where the empty copy could not be built
+    """The method on the loaded base; the embeddings checked again (the early check needs an empty copy, which not
+    every base can build); add_lora checks its own."""
     if not config.training.do_train and not (config.ptuning.ptuning_checkpoint or config.lora.lora_checkpoint):
+        vocabulary.refuse_frozen(model, tokenizer_size, vocabulary.BASE_ALONE)
         logger.warning("No checkpoint given: evaluating the base model alone (the 'before' of a comparison)")
         return model
     if config.method == "ptuning":
+        vocabulary.refuse_frozen(model, tokenizer_size, vocabulary.FROZEN)
         model = add_prefix_encoder(model, config.ptuning)
     else:
         model = add_lora(model, config.lora, tokenizer_size)
