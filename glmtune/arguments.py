@@ -169,6 +169,15 @@ class LoraArguments:
     lora_checkpoint: str | None = field(
         default=None, metadata={"help": "LoRA: an adapter folder (PEFT format) to load and evaluate."}
     )
+    modules_to_save: str | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA: comma-separated modules trained in full and saved with the adapter (PEFT's "
+            "modules_to_save), e.g. embed_tokens,lm_head. Required to cover the embeddings and the output head "
+            "when the tokenizer has more tokens than the base's embeddings (added tokens, e.g. an extended Chinese "
+            "vocabulary): the base is resized, and the new rows must be trained and saved."
+        },
+    )
 
 
 LORA_DEFAULTS = {"lora_rank": 8, "lora_alpha": 32.0, "lora_dropout": 0.1, "lora_target": "all"}

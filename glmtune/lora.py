@@ -1,10 +1,10 @@
 """LoRA through PEFT on a frozen (optionally 4/8-bit) base.
 
 * **What is added**: PEFT's LoRA layers on every linear layer of the decoder (or ``--lora_target``).
-* **What trains**: the LoRA matrices only (PEFT keeps them float32).
+* **What trains**: the LoRA matrices (PEFT keeps them float32), and ``--modules_to_save`` in full (float32 too).
 * **What is saved**: a standard PEFT adapter folder, ``adapter_model.safetensors`` + ``adapter_config.json``,
-  which ``PeftModel.from_pretrained`` loads.
-* **Merging**: :func:`merge_and_save` folds an adapter into its base and saves a plain model folder.
+  which ``PeftModel.from_pretrained`` loads, PEFT 0.6 and later (:mod:`glmtune.adapter_config`).
+* **Merging**: :func:`merge_and_save` folds adapters into their base, in order, and saves a plain model folder.
 """
 
 import inspect
@@ -15,51 +15,123 @@ import shutil
 import torch
 from safetensors import SafetensorError
 
-from glmtune import chatglm
+from glmtune import chatglm, vocabulary
+from glmtune.adapter_config import CONFIG_FILE, WEIGHTS_FILE
 from glmtune.arguments import LoraArguments
 from glmtune.errors import GlmtuneError
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 # The original LoRA recipes' targets on the original ChatGLM models (ChatGLM-Tuning, ChatGLM3 finetune_demo,
 # PromptCBLUE): every linear layer of the decoder, by their original names.
 CHATGLM_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 
 
-def add_lora(model, args: LoraArguments):
-    """Wrap the frozen base with LoRA adapters (new ones, or --lora_checkpoint's)."""
+def add_lora(model, args: LoraArguments, tokenizer_size: int | None = None):
+    """Wrap the frozen base with LoRA adapters (new ones, or --lora_checkpoint's). A tokenizer larger than the base's
+    embeddings (``tokenizer_size``) resizes them, if the new rows are trained and saved (glmtune.vocabulary)."""
     model.requires_grad_(False)
     if args.lora_checkpoint:
-        return load_adapter(model, args.lora_checkpoint)
+        return load_adapter(model, args.lora_checkpoint, tokenizer_size=tokenizer_size)
     from peft import LoraConfig, get_peft_model
 
     targets = lora_targets(args.lora_target, model.config)
     _check_targets(model, targets, args.lora_target)
+    saved = module_names(args.modules_to_save)
+    _check_modules_to_save(model, saved, args.modules_to_save)
+    vocabulary.resize(model, check_vocabulary(model, args, tokenizer_size))
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=targets,
+        modules_to_save=saved or None,
     )
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as error:
         raise GlmtuneError(f"--lora_target {args.lora_target}: {error}") from None
+    _train_saved_modules_in_float32(model)
+    return model
 
 
-def load_adapter(model, folder: str, trainable: bool = False):
-    """The base wrapped with the adapter saved in ``folder`` (PEFT format)."""
+def _train_saved_modules_in_float32(model) -> None:
+    """PEFT keeps LoRA's matrices float32 but trains the modules_to_save copies in the base's dtype, where bfloat16
+    loses the small steps of a long run. Kept float32 here; their floating inputs are cast up and their output
+    back to the base's dtype, so the layers around them see what they would without."""
+    from peft.utils import ModulesToSaveWrapper
+
+    for wrapper in [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]:
+        for module in wrapper.modules_to_save.values():
+            dtype = next(module.parameters()).dtype
+            if dtype == torch.float32:
+                continue
+            module.float()
+            module.register_forward_pre_hook(lambda _, args: tuple(_cast(a, torch.float32) for a in args))
+            module.register_forward_hook(lambda _, args, output, dtype=dtype: _cast(output, dtype))
+
+
+def _cast(value, dtype):
+    return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+
+
+def load_adapter(model, folder: str, trainable: bool = False, tokenizer_size=None, flag="--lora_checkpoint"):
+    """The base wrapped with the adapter saved in ``folder`` (PEFT format), the base first resized to the
+    tokenizer saved with it (else to ``tokenizer_size``, the tokenizer in use) when that is larger."""
     from peft import PeftModel
 
+    vocabulary.resize(model, check_vocabulary(model, LoraArguments(lora_checkpoint=folder), tokenizer_size))
     try:
         return PeftModel.from_pretrained(model, folder, is_trainable=trainable)
     except SafetensorError as error:  # a truncated or corrupt weights file
-        raise GlmtuneError(f"--lora_checkpoint: {os.path.join(folder, WEIGHTS_FILE)} is corrupt: {error}") from None
+        raise GlmtuneError(f"{flag}: {os.path.join(folder, WEIGHTS_FILE)} is corrupt: {error}") from None
     except (ValueError, OSError, RuntimeError) as error:
-        raise GlmtuneError(f"--lora_checkpoint {folder}: cannot load this adapter: {error}") from None
+        raise GlmtuneError(f"{flag} {folder}: cannot load this adapter: {_first_problem(error)}") from None
+
+
+def check_vocabulary(model, args: LoraArguments, tokenizer_size: int | None) -> int | None:
+    """The embedding rows the run needs: the tokenizer's size (``tokenizer_size``), or the size of the tokenizer
+    saved with --lora_checkpoint, the one it was trained with. When that is more than the base has, the rows a
+    resize adds must be trained and saved (--modules_to_save) or carried by the adapter; refused otherwise."""
+    folder = args.lora_checkpoint
+    size = (vocabulary.saved_vocabulary(folder) if folder else None) or tokenizer_size
+    if not size or not vocabulary.added_tokens(model, size):
+        return size
+    saved = vocabulary.saved_modules(folder) if folder else module_names(args.modules_to_save)
+    missing = vocabulary.unsaved_embeddings(model, saved)
+    if missing:
+        raise GlmtuneError(_unsaved_rows(model, size, missing, args))
+    return size
+
+
+def _unsaved_rows(model, size: int, missing: list[str], args: LoraArguments) -> str:
+    sizes, names = vocabulary.sizes(model, size), ",".join(vocabulary.embedding_names(model))
+    if args.lora_checkpoint:
+        return (
+            f"{sizes}, and the adapter {args.lora_checkpoint} carries no trained rows for them ({', '.join(missing)} "
+            "not among its modules_to_save)"
+        )
+    if args.modules_to_save:
+        return (
+            f"{sizes}: LoRA must train and save their new rows, and --modules_to_save {args.modules_to_save} leaves "
+            f"out {', '.join(missing)}: use --modules_to_save {names}"
+        )
+    return f"{sizes}: LoRA must train and save their new rows: add --modules_to_save {names}"
+
+
+def _first_problem(error: Exception) -> str:
+    """torch lists every mismatched tensor on its own line (hundreds for another base): the first one says it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    mismatch = [line for line in lines if line.startswith("size mismatch")]
+    if mismatch:
+        return f"it was trained on a different base ({mismatch[0]})"
+    return " ".join(lines)
+
+
+def module_names(spec: str | None) -> list[str]:
+    """A comma-separated list of module names (--lora_target, --modules_to_save) as a list."""
+    return [name.strip() for name in (spec or "").split(",") if name.strip()]
 
 
 def lora_targets(spec: str, model_config=None):
@@ -67,17 +139,18 @@ def lora_targets(spec: str, model_config=None):
     models their four linear layers by name, as their LoRA recipes write it); else a list of names."""
     if spec.strip() == "all":
         return list(CHATGLM_TARGETS) if chatglm.is_chatglm_config(model_config) else "all-linear"
-    return [name.strip() for name in spec.split(",") if name.strip()]
+    return module_names(spec)
 
 
-def check_targets_early(model_args, spec: str) -> None:
-    """--lora_target checked on the base's shape alone (an empty copy on the meta device: no weights read), so
-    that a typo stops the run before the data is tokenized and the base loaded."""
+def check_targets_early(model_args, args: LoraArguments) -> None:
+    """--lora_target and --modules_to_save checked on the base's shape alone (an empty copy on the meta device: no
+    weights read), so that a typo stops the run before the data is tokenized and the base loaded."""
     from glmtune.model import empty_model
 
     model = empty_model(model_args)
     if model is not None:
-        _check_targets(model, lora_targets(spec, model.config), spec)
+        _check_targets(model, lora_targets(args.lora_target, model.config), args.lora_target)
+        _check_modules_to_save(model, module_names(args.modules_to_save), args.modules_to_save)
 
 
 def _check_targets(model, targets, spec: str) -> None:
@@ -85,13 +158,32 @@ def _check_targets(model, targets, spec: str) -> None:
     if isinstance(targets, str):  # "all-linear": PEFT's own rule
         return
     names = [name for name, _ in model.named_modules()]
-    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+    missing = [t for t in targets if not any(vocabulary.covers(t, name) for name in names)]
     if missing:
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_linear(m)} - {""})
         raise GlmtuneError(
             f"--lora_target {spec}: no module named {', '.join(missing)} in this model; its linear layers: "
             f"{', '.join(linear)} (or all)"
         )
+
+
+def _check_modules_to_save(model, saved: list[str], spec: str | None) -> None:
+    """Every name must name modules by whole parts (PEFT matches any ending: 'norm' would take every layer's
+    input_layernorm too)."""
+    names = [name for name, _ in model.named_modules() if name]
+    for wanted in saved:
+        matched = [name for name in names if vocabulary.covers(wanted, name)]
+        if not matched:
+            known = sorted({name.rsplit(".", 1)[-1] for name in names if not name[-1].isdigit()})
+            raise GlmtuneError(
+                f"--modules_to_save {spec}: no module named {wanted} in this model; its modules: {', '.join(known)}"
+            )
+        more = sorted({name.rsplit(".", 1)[-1] for name in names if name.endswith(wanted) and name not in matched})
+        if more:
+            raise GlmtuneError(
+                f"--modules_to_save {spec}: PEFT would also train every module whose name ends in {wanted} "
+                f"({', '.join(more)}): name the module by its full name, e.g. {matched[0]}"
+            )
 
 
 def _is_linear(module) -> bool:
@@ -105,12 +197,21 @@ def is_checkpoint(folder: str) -> bool:
 # ----------------------------------------------------------------------------- merging
 
 
-def merge_and_save(model, tokenizer, output: str, max_shard_size: str) -> None:
-    """Fold the adapter of ``model`` (a PeftModel) into its base and save a plain model folder at ``output``.
+def merge_adapters(model, adapters: list[str], tokenizer_size=None):
+    """``model`` with each adapter in ``adapters`` folded into its weights in turn: each one applies to the base as
+    the ones before it left it (an adapter trained on a merged model comes after that model's adapters)."""
+    for folder in adapters:
+        model = load_adapter(model, folder, tokenizer_size=tokenizer_size, flag="--checkpoint").merge_and_unload()
+    return model
+
+
+def merge_and_save(model, adapters: list[str], tokenizer, output: str, max_shard_size: str) -> None:
+    """Fold ``adapters`` into the base ``model`` in order (:func:`merge_adapters`) and save a plain model folder at
+    ``output``, in safetensors files of at most ``max_shard_size`` each (with an index when there are several).
 
     Written to ``output.partial`` and renamed when complete, so ``output`` is never a half-written folder.
     """
-    merged = model.merge_and_unload()
+    merged = merge_adapters(model, adapters, len(tokenizer))
     merged.config.use_cache = True  # the loader turns it off for training; a saved model should generate normally
     partial = output.rstrip("/\\") + ".partial"
     if os.path.exists(partial):

@@ -4,7 +4,8 @@
   quantization), whose output every attention layer reads through :func:`prefix_attention`.
 * **What trains**: the prefix encoder only; every weight of the base is frozen.
 * **What is saved**: ``prefix_encoder.safetensors`` + ``prefix_config.json`` (:func:`save_checkpoint`); for the
-  original ChatGLM models also the ancestors' ``pytorch_model.bin``, which their ``ptuning/`` code loads.
+  original ChatGLM models also the ancestors' ``pytorch_model.bin``, which their ``ptuning/`` code loads
+  (written only where it can: not for a prefix projected through a width other than ``hidden_size``).
 
 Why our own and not PEFT's ``PrefixTuningConfig``: PEFT feeds the prefix in through the KV cache, which
 refuses gradient checkpointing (transformers 5.17 / peft 0.21) and shifts every real token's position by
@@ -253,7 +254,11 @@ def save_checkpoint(model, output_dir: str) -> None:
     weights = {name: tensor.detach().contiguous().cpu() for name, tensor in encoder.state_dict().items()}
     save_file(weights, os.path.join(output_dir, WEIGHTS_FILE), metadata={"format": "pt"})
     if chatglm.is_chatglm_config(model.config):  # also readable by the ancestors' own ptuning code
-        save_original_prefix(weights, output_dir)
+        unreadable = original_cannot_load(encoder.glmtune_config)
+        if unreadable:
+            logger.info("No %s in %s: %s", ORIGINAL_WEIGHTS, output_dir, unreadable)
+        else:
+            save_original_prefix(weights, output_dir)
     with open(os.path.join(output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(encoder.glmtune_config, f, indent=2)
 
@@ -323,7 +328,8 @@ def _read_json(path: str, flag: str) -> dict:
 # ``transformer.prefix_encoder.*`` tensors (``embedding.weight``, and ``trans.0/2.*`` with
 # ``prefix_projection``) and load it into a base built with the same ``pre_seq_len``. PrefixEncoder has the
 # same parameter names and the same flat layout (layer, key/value, kv head, head_dim), so converting is
-# renaming: their checkpoints load here unchanged, and glmtune writes that file too for ChatGLM bases.
+# renaming: their checkpoints load here unchanged, and glmtune writes that file too for ChatGLM bases
+# (unless --prefix_hidden_size differs from hidden_size: their projection has no other width).
 
 ORIGINAL_WEIGHTS = "pytorch_model.bin"
 ORIGINAL_KEY_PREFIX = "transformer.prefix_encoder."
@@ -371,6 +377,18 @@ def original_prefix_config(weights: dict, checkpoint: str, expected: dict) -> di
         "embedding_dim": embedding_dim if projection else expected["embedding_dim"],
         "prefix_hidden_size": weights["trans.0.weight"].shape[0] if projection else expected["prefix_hidden_size"],
     }
+
+
+def original_cannot_load(config: dict) -> str | None:
+    """Why the ancestors' code could not load this prefix (None when it can). Their projection is always
+    ``hidden_size`` wide (ChatGLM-6B hidden -> hidden -> kv, ChatGLM2/3 kv -> hidden -> kv): a prefix projected
+    through another width fails there with a size mismatch on ``trans.*``."""
+    if config["prefix_projection"] and config["prefix_hidden_size"] != config["hidden_size"]:
+        return (
+            f"the original ChatGLM code projects the prefix through hidden_size {config['hidden_size']} and cannot "
+            f"load one trained with --prefix_hidden_size {config['prefix_hidden_size']} (glmtune's own files load it)"
+        )
+    return None
 
 
 def save_original_prefix(weights: dict, output_dir: str) -> None:

@@ -37,6 +37,8 @@ def identity(config) -> dict:
         shape = {k: getattr(config.ptuning, k) for k in ("pre_seq_len", "prefix_projection", "prefix_hidden_size")}
     else:
         shape = {"lora_rank": config.lora.lora_rank, "lora_target": config.lora.lora_target}
+        if config.lora.modules_to_save:  # only when given: runs from before the flag keep their identity
+            shape["modules_to_save"] = config.lora.modules_to_save
     return {
         "method": config.method,
         "base": _config_digest(config.model.model_name_or_path),

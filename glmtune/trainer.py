@@ -3,7 +3,8 @@
 Checkpoints (``checkpoint-N/`` and the final output folder):
 
 * P-Tuning v2: ``prefix_encoder.safetensors`` + ``prefix_config.json`` (:func:`glmtune.ptuning.save_checkpoint`);
-* LoRA: PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` (``PeftModel.from_pretrained`` loads it);
+* LoRA: PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` (``PeftModel.from_pretrained`` loads it;
+  the config rewritten so that PEFT 0.6 and later all load it: :mod:`glmtune.adapter_config`);
 * both: tokenizer files, ``training_args.bin``, and in step checkpoints the optimizer, scheduler, RNG and
   ``trainer_state.json`` that ``--resume_from_checkpoint`` needs.
 
@@ -12,6 +13,8 @@ if transformers stops calling them the way relied on:
 
 * ``_save_checkpoint`` / ``_get_output_dir``: a step checkpoint appears complete or not at all;
 * ``_load_from_checkpoint`` / ``_load_best_model``: Trainer knows only full models and PEFT adapters, not a prefix.
+
+Trainer's own call of ``self.model.save_pretrained`` is relied on too (:func:`_embeddings_saved_once`).
 """
 
 import contextlib
@@ -27,7 +30,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from glmtune import ptuning, runs
+from glmtune import adapter_config, ptuning, runs, vocabulary
 from glmtune.generation import blank_stop_tokens
 from glmtune.metrics import decode_texts
 
@@ -86,7 +89,11 @@ class GlmtuneTrainer(Seq2SeqTrainer):
     def _save_trained_weights(self, output_dir: str, _internal_call: bool) -> None:
         model = self.accelerator.unwrap_model(self.model)
         if not ptuning.is_prefix_tuned(model):
-            return super().save_model(output_dir, _internal_call)
+            with _embeddings_saved_once(model):
+                super().save_model(output_dir, _internal_call)
+            if self.args.should_save and os.path.isfile(os.path.join(output_dir, adapter_config.CONFIG_FILE)):
+                adapter_config.make_portable(output_dir)  # PEFT 0.6-0.13 refuse the keys newer versions write
+            return
         with _gathered(model.prefix_encoder, self.is_deepspeed_enabled):
             if self.args.should_save:
                 ptuning.save_checkpoint(model, output_dir)
@@ -194,6 +201,28 @@ def allow_quantized_base(model) -> None:
     tests/test_trainer_hooks.py checks that it still is the one."""
     if getattr(model, "is_quantized", False) and not hasattr(model, "peft_config"):
         model._hf_peft_config_loaded = True
+
+
+@contextlib.contextmanager
+def _embeddings_saved_once(model):
+    """A LoRA adapter whose --modules_to_save hold the resized embeddings and output head saves them once.
+
+    PEFT's save_pretrained (save_embedding_layers="auto") sees the resized vocabulary and saves the embedding
+    layers as well, wrappers included: their trained copy again and the untrained original, 3 times the
+    modules_to_save alone (4.9 GB instead of 1.6 GB for LLaMA-7B's 49,953 x 4,096 embeddings and head in
+    float32). Trainer offers no way to pass
+    save_embedding_layers, and calls ``self.model.save_pretrained``: for this save that is the same method with
+    save_embedding_layers=False (tests/test_llama_recipe.py checks the saved keys)."""
+    peft_config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    saved = getattr(peft_config, "modules_to_save", None)
+    if not saved or vocabulary.unsaved_embeddings(model, saved):
+        yield
+        return
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
+    try:
+        yield
+    finally:
+        del model.save_pretrained
 
 
 @contextlib.contextmanager

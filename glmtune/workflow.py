@@ -10,11 +10,11 @@ import logging
 from accelerate import PartialState
 from transformers import set_seed
 
-from glmtune import report, runs, speed
+from glmtune import report, runs, speed, vocabulary
 from glmtune.data import Collator, PaddingFreeCollator, load_split, tokenize
-from glmtune.lora import add_lora, check_targets_early
+from glmtune.lora import add_lora, check_targets_early, check_vocabulary
 from glmtune.metrics import ComputeMetrics
-from glmtune.model import load_base_model, load_tokenizer
+from glmtune.model import empty_model, load_base_model, load_tokenizer
 from glmtune.parsing import RunConfig
 from glmtune.prompt import PromptFormat
 from glmtune.ptuning import add_prefix_encoder
@@ -33,23 +33,24 @@ def run(config: RunConfig) -> dict:
     set_seed(config.training.seed)
     config.training.resume_from_checkpoint = runs.resume_checkpoint(config)  # this run's, with steps left
     if config.method == "lora" and config.training.do_train and not config.lora.lora_checkpoint:
-        check_targets_early(config.model, config.lora.lora_target)
+        check_targets_early(config.model, config.lora)
     tokenizer, prompt_format, datasets = prepare_data(config)
-    model = build_model(config)
+    model = build_model(config, len(tokenizer))
     return run_tasks(config, model, tokenizer, prompt_format, datasets)
 
 
 def prepare_data(config: RunConfig) -> tuple:
     """The tokenizer, the prompt format and every split the tasks need, tokenized (before the model loads)."""
     tokenizer = load_tokenizer(config.model)
+    check_embeddings_early(config, len(tokenizer))
     prompt_format = PromptFormat(config.data.prompt_template, tokenizer, config.data.source_prefix)
     return tokenizer, prompt_format, prepare_datasets(config, tokenizer, prompt_format)
 
 
-def build_model(config: RunConfig):
+def build_model(config: RunConfig, tokenizer_size: int):
     """The frozen base with the method attached, switched to the fast path where it applies."""
     speed.memory.check_before_loading(config)
-    model = attach_method(config, load_base_model(config.model))
+    model = attach_method(config, load_base_model(config.model), tokenizer_size)
     speed.prepare(config, model)
     return model
 
@@ -102,14 +103,32 @@ def _log_example(tokenizer, example: dict) -> None:
     )
 
 
-def attach_method(config: RunConfig, model):
+def check_embeddings_early(config: RunConfig, tokenizer_size: int) -> None:
+    """A tokenizer with more tokens than the base's embeddings (glmtune.vocabulary), checked on an empty copy of
+    the base before the data is tokenized: only LoRA can train and save the rows a resize adds."""
+    model = empty_model(config.model)
+    if model is None:
+        return
+    if config.method == "lora" and (config.training.do_train or config.lora.lora_checkpoint):
+        check_vocabulary(model, config.lora, tokenizer_size)
+    elif config.method == "ptuning" and (config.training.do_train or config.ptuning.ptuning_checkpoint):
+        vocabulary.refuse_frozen(model, tokenizer_size, vocabulary.FROZEN)
+    else:
+        vocabulary.refuse_frozen(model, tokenizer_size, vocabulary.BASE_ALONE)
+
+
+def attach_method(config: RunConfig, model, tokenizer_size: int):
+    """The method on the loaded base; the embeddings checked again (the early check needs an empty copy, which not
+    every base can build); add_lora checks its own."""
     if not config.training.do_train and not (config.ptuning.ptuning_checkpoint or config.lora.lora_checkpoint):
+        vocabulary.refuse_frozen(model, tokenizer_size, vocabulary.BASE_ALONE)
         logger.warning("No checkpoint given: evaluating the base model alone (the 'before' of a comparison)")
         return model
     if config.method == "ptuning":
+        vocabulary.refuse_frozen(model, tokenizer_size, vocabulary.FROZEN)
         model = add_prefix_encoder(model, config.ptuning)
     else:
-        model = add_lora(model, config.lora)
+        model = add_lora(model, config.lora, tokenizer_size)
     log_trainable(model)
     return model
 

@@ -28,6 +28,9 @@ LORA_RANK=${LORA_RANK:-8}
 LORA_ALPHA=${LORA_ALPHA:-32}
 LORA_DROPOUT=${LORA_DROPOUT:-0.1}
 LORA_TARGET=${LORA_TARGET:-all}                 # comma-separated module names, or all linear layers
+MODULES_TO_SAVE=${MODULES_TO_SAVE:-}          # modules trained in full and saved with the adapter, e.g.
+                                              # embed_tokens,lm_head (required when the tokenizer has added tokens:
+                                              # the base is resized for them); empty: none
 LR=${LR:-5e-3}
 ### training
 BATCH_SIZE=${BATCH_SIZE:-16}                  # per device; BATCH_SIZE x GRAD_ACCUM is the effective batch
@@ -61,6 +64,7 @@ case "$PREVIOUS_RUN" in
 esac
 [ -n "$HISTORY_COLUMN" ] && extra+=(--history_column "$HISTORY_COLUMN")
 [ -n "$DATA_FORMAT" ] && extra+=(--data_format "$DATA_FORMAT")
+[ -n "$MODULES_TO_SAVE" ] && extra+=(--modules_to_save "$MODULES_TO_SAVE")
 source "$REPO/scripts/launch.sh"              # sets launch (python or torchrun), adds --deepspeed
 
 "${launch[@]}" "$REPO/lora/main.py" \

@@ -102,7 +102,7 @@ def glmtune_rows(folder: str, train_file: str, method: str, precision: str, budg
     bits = BITS[precision]
     template = parse_args(method, recipe_argv(method, folder, train_file, args.scratch, bits, None, args))
     tokenizer, prompt_format, datasets = prepare_data(template)
-    model = build_model(template)
+    model = build_model(template, len(tokenizer))
     rows = []
     for budget in budgets:
         config = copy.deepcopy(template)

@@ -40,6 +40,16 @@ TINY_SHAPE = dict(
     max_position_embeddings=1024,
 )
 
+TINY_LLAMA_SHAPE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    max_position_embeddings=512,
+)
+BASE_VOCABULARY = 600  # small, as LLaMA's is for Chinese: most words split into several tokens
+
 
 def read_texts(data_file: str) -> list[str]:
     """Each record of an ADGEN-format JSON-lines file as raw text: attribute list, newline, description."""
@@ -120,6 +130,43 @@ def build(data_file: str, out_dir: str, steps: int = PRETRAIN_STEPS, seed: int =
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return loss
+
+
+def build_llama(data_file: str, out_dir: str, added_words: int = 24, seed: int = 0, **shape) -> list[str]:
+    """A tiny Llama (random weights) whose tokenizer has tokens its embeddings lack: the toy tokenizer plus the
+    most frequent attribute words of the data as whole tokens, as Chinese-LLaMA extends LLaMA's vocabulary with
+    Chinese words (PromptCBLUE's LLaMA-7B recipe), so len(tokenizer) > vocab_size. Returns the added words."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    texts = read_texts(data_file)
+    tokenizer = train_tokenizer(texts, vocab_size=BASE_VOCABULARY)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,  # as LLaMA-7B: the added rows of lm_head are trained and saved on their own
+        **{**TINY_LLAMA_SHAPE, **shape},
+    )
+    model = LlamaForCausalLM(config)
+    words = _frequent_split_words(texts, tokenizer, added_words)
+    tokenizer.add_tokens(words)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return words
+
+
+def _frequent_split_words(texts: list[str], tokenizer, count: int) -> list[str]:
+    """The ``count`` most frequent attribute values (``类型#裙*颜色#白色`` -> 裙, 白色) that the tokenizer splits."""
+    frequency = {}
+    for text in texts:
+        for pair in text.split("\n", 1)[0].split("*"):
+            for word in pair.split("#"):
+                frequency[word] = frequency.get(word, 0) + 1
+    ranked = sorted(frequency, key=lambda word: (-frequency[word], word))
+    return [word for word in ranked if len(tokenizer.tokenize(word)) > 1][:count]
 
 
 def main() -> None:

@@ -1,14 +1,19 @@
-"""Merge a LoRA adapter into its base model: a plain model folder that transformers loads alone.
+"""Merge LoRA adapters into their base model: a plain model folder that transformers loads alone.
 
     CHECKPOINT=output/adgen-toy-train-lora-8-5e-3 bash lora/merge.sh
     python3 scripts/merge_lora.py --model_name_or_path /path/to/glm-4-9b --checkpoint output/my-lora \\
         --output output/my-lora-merged --torch_dtype bfloat16
+    python3 scripts/merge_lora.py --model_name_or_path /path/to/llama-7b --checkpoint output/stage1,output/stage2
 
-The base is loaded in full precision (never quantized), the adapter's low-rank updates are added into its
-weights (PEFT's merge_and_unload), and the result is saved as sharded *.safetensors with the tokenizer and
-the generation config. It is written to OUTPUT.partial and renamed to OUTPUT when complete, so OUTPUT is
-never a half-written folder. Only LoRA merges: a P-Tuning v2 prefix is extra key/value states, not a
-change of weights.
+The base is loaded in full precision (never quantized), each adapter's low-rank updates are added into its
+weights in the order given (PEFT's merge_and_unload; its --modules_to_save modules replace the base's), and
+the result is saved as *.safetensors files of at most --max_shard_size (with an index when there are several),
+with the tokenizer and the generation config. Several adapters (--checkpoint a,b or --checkpoint a
+--checkpoint b) are a chain: b applies to the base with a merged, as when b was trained on that merged model.
+A base whose tokenizer has more tokens than its embeddings is first resized to the tokenizer saved with the
+adapter. It is written to OUTPUT.partial and renamed to OUTPUT when complete, so OUTPUT is never a
+half-written folder. Only LoRA merges: a P-Tuning v2 prefix is extra key/value states, not a change of
+weights.
 """
 
 import logging
@@ -22,18 +27,17 @@ logger = logging.getLogger("merge_lora")
 
 
 def parse_args(argv=None):
-    parser = options.parser(__doc__.split("\n\n")[0], prompts=False)
+    parser = options.parser(__doc__.split("\n\n")[0], prompts=False, chain=True)
     # The merge needs the full-precision base: float32 unless asked otherwise, and --quantization_bit is refused.
     parser.set_defaults(torch_dtype="float32")
     merge = parser.add_argument_group("merge")
-    merge.add_argument("--output", default=None, help="merged model folder (default: CHECKPOINT-merged)")
+    merge.add_argument("--output", default=None, help="merged model folder (default: the last CHECKPOINT + -merged)")
     merge.add_argument("--max_shard_size", default="2GB", help="largest *.safetensors file, e.g. 2GB, 500MB")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT folder")
     return parser.parse_args(argv)
 
 
 def check_args(args) -> None:
-    from glmtune.serve.tuned import checkpoint_method
 
     if args.quantization_bit:
         raise GlmtuneError(
@@ -45,20 +49,16 @@ def check_args(args) -> None:
     if args.torch_dtype == "auto":
         raise GlmtuneError("--torch_dtype auto: choose the dtype of the merged weights: float32, bfloat16 or float16")
     if not args.checkpoint:
-        raise GlmtuneError("--checkpoint is required: the LoRA adapter folder (adapter_config.json) to merge")
+        raise GlmtuneError("--checkpoint is required: the LoRA adapter folder(s) (adapter_config.json) to merge")
     found = options.problems(args)
     if found:
         raise GlmtuneError("\n".join(found))
-    method = checkpoint_method(args.checkpoint)
-    if method == "ptuning":
-        raise GlmtuneError(
-            f"--checkpoint {args.checkpoint} is a P-Tuning v2 checkpoint: its prefix is extra key/value states "
-            "fed to every layer, not a change of weights, so it cannot be merged into the model. Load it with "
-            "the base instead (--checkpoint in scripts/cli_demo.py, --ptuning_checkpoint in ptuning/main.py)."
-        )
-    args.output = args.output or args.checkpoint.rstrip("/\\") + "-merged"
+    for folder in args.checkpoint:
+        _check_adapter(folder)
+    args.output = args.output or args.checkpoint[-1].rstrip("/\\") + "-merged"
     output = os.path.realpath(args.output)
-    for flag, path in (("--model_name_or_path", args.model_name_or_path), ("--checkpoint", args.checkpoint)):
+    inputs = [("--model_name_or_path", args.model_name_or_path)] + [("--checkpoint", c) for c in args.checkpoint]
+    for flag, path in inputs:
         path = os.path.realpath(path)
         if output == path or path.startswith(output + os.sep):
             raise GlmtuneError(f"--output {args.output} would replace {flag} {path}: choose another folder")
@@ -76,10 +76,21 @@ def check_args(args) -> None:
         raise GlmtuneError(f"--max_shard_size {args.max_shard_size}: not a size (e.g. 2GB, 500MB)") from None
 
 
+def _check_adapter(folder: str) -> None:
+    from glmtune.serve.tuned import checkpoint_method
+
+    if checkpoint_method(folder) == "ptuning":
+        raise GlmtuneError(
+            f"--checkpoint {folder} is a P-Tuning v2 checkpoint: its prefix is extra key/value states "
+            "fed to every layer, not a change of weights, so it cannot be merged into the model. Load it with "
+            "the base instead (--checkpoint in scripts/cli_demo.py, --ptuning_checkpoint in ptuning/main.py)."
+        )
+
+
 def merge(args) -> str:
     """Load base + adapter, merge, save (atomically: glmtune.lora.merge_and_save); returns OUTPUT."""
-    from glmtune.arguments import LoraArguments, ModelArguments
-    from glmtune.lora import add_lora, merge_and_save
+    from glmtune.arguments import ModelArguments
+    from glmtune.lora import merge_and_save
     from glmtune.model import load_base_model, load_plain_tokenizer
 
     model_args = ModelArguments(
@@ -93,9 +104,9 @@ def merge(args) -> str:
         raise GlmtuneError(
             f"--model_name_or_path {args.model_name_or_path}: cannot load its tokenizer: {error}"
         ) from None
-    model = add_lora(load_base_model(model_args), LoraArguments(lora_checkpoint=args.checkpoint))
-    logger.info("Merging %s into %s (%s)", args.checkpoint, args.model_name_or_path, args.torch_dtype)
-    merge_and_save(model, tokenizer, args.output, args.max_shard_size)
+    adapters = ", then ".join(args.checkpoint)
+    logger.info("Merging %s into %s (%s)", adapters, args.model_name_or_path, args.torch_dtype)
+    merge_and_save(load_base_model(model_args), args.checkpoint, tokenizer, args.output, args.max_shard_size)
     return args.output
 
 
@@ -111,7 +122,7 @@ def main(argv=None) -> None:
     shards = sorted(name for name in os.listdir(output) if name.endswith(".safetensors"))
     size = sum(os.path.getsize(os.path.join(output, name)) for name in shards)
     print(
-        f"Merged {args.checkpoint} into {args.model_name_or_path}: {output} "
+        f"Merged {', then '.join(args.checkpoint)} into {args.model_name_or_path}: {output} "
         f"({len(shards)} safetensors file{'s' if len(shards) != 1 else ''}, {size / 2**20:.1f} MiB, {args.torch_dtype})"
     )
 

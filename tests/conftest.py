@@ -111,6 +111,21 @@ def lora_checkpoint(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (random weights, untied head) whose tokenizer has 24 added words its embeddings lack."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tiny.build_llama(str(TOY_TRAIN), str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_adapter(tmp_path_factory, llama_model_dir) -> Path:
+    """PromptCBLUE's LLaMA recipe in small: LoRA (rank 4) with --modules_to_save embed_tokens,lm_head, 2 steps."""
+    flags = ["--lora_rank", "4", "--learning_rate", "1e-2", "--modules_to_save", "embed_tokens,lm_head"]
+    return _train_checkpoint(tmp_path_factory, llama_model_dir, "lora", flags)
+
+
+@pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
     """The embedded default model (models/tiny-glm, pretrained on the toy text: its answers are readable).
     Built by scripts/ensure_model.sh when missing (about 35 s), as the shell scripts do."""

@@ -46,6 +46,15 @@ class Case:
     def lora_checkpoint(self):
         return self.request.getfixturevalue("lora_checkpoint")
 
+    @property
+    def llama(self):
+        """A Llama whose tokenizer has 24 tokens more than its embeddings (tests/conftest.py)."""
+        return self.request.getfixturevalue("llama_model_dir")
+
+    @property
+    def llama_adapter(self):
+        return self.request.getfixturevalue("llama_adapter")
+
     def jsonl(self, name, lines):
         return write_jsonl(self.tmp / name, lines)
 
@@ -585,6 +594,62 @@ CASES = [
         ),
     ),
     (
+        "modules_to_save-typo",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--modules_to_save", "embed_token,lm_head"),
+            [["--modules_to_save embed_token,lm_head", "no module named embed_token", "embed_tokens, gate_up_proj"]],
+        ),
+    ),
+    (
+        "modules_to_save-name-ending-of-other-modules",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--modules_to_save", "norm"),
+            [["--modules_to_save norm", "input_layernorm, post_attention_layernorm", "model.norm"]],
+        ),
+    ),
+    # ---- a tokenizer with more tokens than the base's embeddings: only LoRA trains and saves the new rows
+    (
+        "added-tokens-lora-without-modules_to_save",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, model=c.llama),
+            [["624 tokens", "600 rows (24 added tokens)", "add --modules_to_save embed_tokens,lm_head"]],
+        ),
+    ),
+    (
+        "added-tokens-modules_to_save-without-the-head",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--modules_to_save", "embed_tokens", model=c.llama),
+            [["--modules_to_save embed_tokens leaves out lm_head", "use --modules_to_save embed_tokens,lm_head"]],
+        ),
+    ),
+    (
+        "added-tokens-ptuning",
+        lambda c: (
+            c.train("ptuning", TOY_TRAIN, model=c.llama),
+            [
+                [
+                    "24 added tokens",
+                    "P-Tuning v2 keeps the base frozen",
+                    "LoRA with --modules_to_save embed_tokens,lm_head",
+                ]
+            ],
+        ),
+    ),
+    (
+        "added-tokens-base-alone",
+        lambda c: (
+            _base_alone(c, c.llama),
+            [["24 added tokens", "the base alone has no rows for those tokens"]],
+        ),
+    ),
+    (
+        "added-tokens-adapter-without-their-rows",
+        lambda c: (
+            c.predict("lora", TOY_DEV, checkpoint=(p := _without_saved_modules(c)), model=c.llama),
+            [["24 added tokens", f"the adapter {p} carries no trained rows", "embed_tokens, lm_head"]],
+        ),
+    ),
+    (
         "model-weights-corrupt",
         lambda c: (
             c.train("ptuning", TOY_TRAIN, model=(p := _corrupt_model(c))),
@@ -600,6 +665,25 @@ def _adapter_only(case):
     folder.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(case.lora_checkpoint / name, folder / name)
+    return folder
+
+
+def _base_alone(case, model):
+    """Evaluation of the base alone (no checkpoint)."""
+    method, argv = case.predict("lora", TOY_DEV, model=model)
+    at = argv.index("--lora_checkpoint")
+    return method, argv[:at] + argv[at + 2 :]
+
+
+def _without_saved_modules(case):
+    """The Llama adapter as if trained without --modules_to_save: LoRA pairs only."""
+    from safetensors.torch import load_file, save_file
+
+    folder = case.copy(case.llama_adapter, "no-modules")
+    weights = load_file(folder / "adapter_model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".lora_" in k}, folder / "adapter_model.safetensors")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": None}))
     return folder
 
 
@@ -717,3 +801,51 @@ def test_tokenizer_without_pad_token_falls_back_to_eos(tmp_path, tiny_model_dir,
     )
     assert "padding with the eos token" in caplog.text
     assert (out / "generated_predictions.txt").read_text(encoding="utf-8").count("\n") == 2
+
+
+# ---- merging a chain of LoRA adapters (scripts/merge_lora.py): the same promise, one error: line per problem
+MERGE_CASES = [
+    (
+        "merge-chain-with-a-missing-checkpoint",
+        lambda c: (
+            [f"{c.lora_checkpoint},{(p := c.tmp / 'no-such-adapter')}"],
+            [[f"--checkpoint {p}: no such folder"]],
+        ),
+    ),
+    (
+        "merge-chain-of-adapters-for-different-bases",
+        lambda c: (
+            [str(c.lora_checkpoint), str(c.llama_adapter)],
+            [[f"--checkpoint {c.llama_adapter}", "trained on a different base", "size mismatch"]],
+        ),
+    ),
+    (
+        "merge-chain-with-a-ptuning-checkpoint",
+        lambda c: (
+            [f"{c.lora_checkpoint},{c.ptuning_checkpoint}"],
+            [[f"--checkpoint {c.ptuning_checkpoint} is a P-Tuning v2 checkpoint", "cannot be merged"]],
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("setup", [pytest.param(setup, id=name) for name, setup in MERGE_CASES])
+def test_bad_merge_chain_gives_one_clear_error(tmp_path, request, capsys, setup):
+    from test_merge_lora import run_in_process
+
+    case = Case(tmp_path, request)
+    checkpoints, expected = setup(case)
+    out = tmp_path / "merged"
+    flags = ["--model_name_or_path", case.model, "--output", out]
+    for checkpoint in checkpoints:  # repeated --checkpoint, or one comma-separated list
+        flags += ["--checkpoint", checkpoint]
+    before = _files(tmp_path)
+    code, err = run_in_process(capsys, *flags)
+    assert code == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == len(expected), err
+    for line, needles in zip(errors, expected):
+        for needle in needles:
+            assert needle in line, (needle, line)
+    assert not out.exists() and not (tmp_path / "merged.partial").exists()
+    assert _files(tmp_path) == before

@@ -6,6 +6,8 @@ the original code's (golden ``forward_infer_ptuning_*_lastpos``). glmtune's own 
 bases carry the same file with the same keys, so the ancestors' loaders read them.
 """
 
+import logging
+
 import pytest
 import torch
 from conftest import GOLDEN, chatglm_folder, needs_shared
@@ -64,6 +66,40 @@ def test_glmtune_checkpoint_of_a_chatglm_base_carries_the_ancestors_file(tmp_pat
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in golden.items()}  # names and shapes
     for name, tensor in model.prefix_encoder.state_dict().items():
         assert torch.equal(saved["transformer.prefix_encoder." + name], tensor)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("prefix_hidden_size", [32, 16])  # the golden models' hidden_size is 32
+def test_ancestors_file_only_where_the_original_code_loads_it(version, prefix_hidden_size, tmp_path, caplog):
+    """The original's projection is hidden_size wide (the golden prefix files' trans.* shapes): a prefix projected
+    through another width gets no pytorch_model.bin (it would fail there on trans.*), and the log says why."""
+    from glmtune.arguments import ModelArguments, PtuningArguments
+    from glmtune.model import load_base_model
+    from glmtune.ptuning import add_prefix_encoder
+    from glmtune.ptuning import save_checkpoint as save_prefix_checkpoint
+
+    folder = chatglm_folder(version, tmp_path / "model")
+    args = PtuningArguments(pre_seq_len=4, prefix_projection=True, prefix_hidden_size=prefix_hidden_size)
+    model = add_prefix_encoder(load_base_model(ModelArguments(folder, torch_dtype="float32")), args)
+    caplog.set_level(logging.INFO, logger="glmtune.ptuning")
+    save_prefix_checkpoint(model, str(tmp_path / "ckpt"))
+    golden = load_file(GOLDEN / f"chatglm-{version}" / "prefix_encoder_proj_true.safetensors")
+    ours = {"transformer.prefix_encoder." + k: v.shape for k, v in model.prefix_encoder.state_dict().items()}
+    loadable = ours == {k: v.shape for k, v in golden.items()}
+    assert loadable == (prefix_hidden_size == 32)
+    assert (tmp_path / "ckpt" / "pytorch_model.bin").exists() == loadable
+    said = [r.getMessage() for r in caplog.records if "pytorch_model.bin" in r.getMessage()]
+    if loadable:
+        assert said == []
+    else:
+        assert len(said) == 1 and said[0].startswith(f"No pytorch_model.bin in {tmp_path / 'ckpt'}: ")
+        assert "--prefix_hidden_size 16" in said[0] and "hidden_size 32" in said[0]
+    reloaded = add_prefix_encoder(
+        load_base_model(ModelArguments(folder, torch_dtype="float32")),
+        PtuningArguments(ptuning_checkpoint=str(tmp_path / "ckpt")),
+    )
+    for name, tensor in model.prefix_encoder.state_dict().items():  # glmtune's own files load it either way
+        assert torch.equal(reloaded.prefix_encoder.state_dict()[name], tensor)
 
 
 def test_ancestors_checkpoint_from_another_base_is_refused(tmp_path):

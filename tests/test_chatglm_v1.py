@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import GOLDEN, needs_shared
+from conftest import GOLDEN, SHARED, needs_shared
 from golden import golden_prefix_encoder, parity_errors
 from safetensors.torch import load_file
 
@@ -127,6 +127,33 @@ def test_generate_batched_and_single(variant):
     assert batched.tolist() == expected["output_ids"]
     single = model.generate(input_ids=torch.tensor(generated["single_inputs"]["input_ids"]), **kwargs)
     assert single.tolist() == expected["single_output_ids"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_generate_from_the_original_tokenizers_padded_batch(variant):
+    """ChatGLM-6B's own batch call: the tokenizer's 4-D mask and 2-channel positions go straight to generate();
+    each row's greedy answer is the golden one and the one the text gets alone."""
+    from glmtune.chatglm.tokenization import load_chatglm_tokenizer
+
+    generated = json.loads((V1 / "generate.json").read_text())
+    tokenizer = load_chatglm_tokenizer(SHARED / "tokenizers" / "chatglm-6b")
+    model = load_model(variant)
+    batch = tokenizer(generated["texts"], padding=True, return_tensors="pt")
+    assert batch["attention_mask"].dim() == 4 and batch["position_ids"].dim() == 3  # the original's inputs
+    output = model.generate(**batch, max_new_tokens=8, do_sample=False)
+    assert output.tolist() == generated[variant]["output_ids"]
+    for row, text in enumerate(generated["texts"]):
+        alone = model.generate(**tokenizer(text, return_tensors="pt"), max_new_tokens=8, do_sample=False)
+        assert alone[0, -8:].tolist() == output[row, -8:].tolist()
+
+
+def test_generate_refuses_a_4d_mask_it_would_not_rebuild():
+    generated = json.loads((V1 / "generate.json").read_text())
+    input_ids = torch.tensor(generated["inputs"]["input_ids"])
+    mask = torch.tensor(generated["inputs"]["attention_mask"])
+    mask[0, 0, 0, 1] = True  # one more hidden key: not the prefix-LM mask of these ids
+    with pytest.raises(ValueError, match="4-D attention_mask must be the tokenizer's prefix-LM mask"):
+        load_model().generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
 
 
 def test_generate_with_explicit_positions_and_without_cache():

@@ -144,6 +144,21 @@ def glm_attention_mask(input_ids, padding_mask, past_length: int, config: ChatGL
     return _additive(~visible[:, None], dtype)
 
 
+def padding_mask_from(mask_4d: torch.Tensor, input_ids, config: ChatGLMConfig) -> torch.Tensor:
+    """The 2-D padding mask (1 = token) of a prompt's 4-D prefix-LM mask (bool, True = masked, as the original
+    tokenizer builds it; or additive float): a row's last query sees every real token. Raises ValueError when
+    the mask is not the one :func:`glm_attention_mask` builds from that padding mask."""
+    masked = mask_4d if mask_4d.dtype == torch.bool else mask_4d < 0
+    padding = (~masked[:, 0, -1, :]).long()
+    fits = input_ids is not None and masked.shape[-1] == input_ids.shape[-1]
+    if not fits or not torch.equal(masked, glm_attention_mask(input_ids, padding, 0, config, torch.float32) < 0):
+        raise ValueError(
+            "ChatGLM-6B generate(): a 4-D attention_mask must be the tokenizer's prefix-LM mask of input_ids "
+            "(the mask is rebuilt at every step); pass a 2-D padding mask instead"
+        )
+    return padding
+
+
 def _additive(masked: torch.Tensor, dtype) -> torch.Tensor:
     """Bool (True = masked) -> float mask with the dtype's finite minimum where masked."""
     return torch.zeros(masked.shape, dtype=dtype, device=masked.device).masked_fill(masked, torch.finfo(dtype).min)
@@ -385,6 +400,20 @@ class ChatGLMForCausalLM(ChatGLMPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
     # ---- generation: v1's positions continue as the original's (channel 0 stays, channel 1 counts on) ----
+
+    def generate(self, inputs=None, attention_mask=None, **kwargs):
+        """transformers' generate, also from the original tokenizer's padded batch, as ChatGLM-6B's own batch
+        example calls it: ``model.generate(**tokenizer(texts, padding=True, return_tensors="pt"))``.
+
+        generate() accepts only a 2-D mask, and the tokenizer's is the 4-D prefix-LM mask: it becomes the 2-D
+        padding mask it was built from, from which every step rebuilds the same 4-D mask (checked here, so that
+        a mask of any other shape is refused rather than replaced). The tokenizer's 2-channel positions are the
+        ones the model derives, and continue as the original's.
+        """
+        if attention_mask is not None and attention_mask.dim() == 4:
+            input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+            attention_mask = padding_mask_from(attention_mask, input_ids, self.config)
+        return super().generate(inputs, attention_mask=attention_mask, **kwargs)
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         if inputs_tensor.dtype.is_floating_point:  # inputs_embeds: the caller must give 2-D positions

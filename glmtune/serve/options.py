@@ -17,17 +17,28 @@ DEFAULT_MODEL = "models/tiny-glm"  # the embedded default (scripts/ensure_model.
 _GENERATION_DEFAULTS = GenerationArguments()
 
 
-def parser(description: str, prompts: bool = True, generation: bool = False) -> argparse.ArgumentParser:
-    """The model options (and, with ``prompts``, how prompts are built; with ``generation``, decoding)."""
+def parser(
+    description: str, prompts: bool = True, generation: bool = False, chain: bool = False
+) -> argparse.ArgumentParser:
+    """The model options (and, with ``prompts``, how prompts are built; with ``generation``, decoding; with
+    ``chain``, --checkpoint takes several LoRA adapters, as a list)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", default=DEFAULT_MODEL, help="local base model folder")
-    model.add_argument(
-        "--checkpoint",
-        default=None,
-        type=_none_or_path,
-        help="P-Tuning v2 checkpoint or LoRA adapter folder (the kind is detected); none: the base alone",
-    )
+    if chain:
+        model.add_argument(
+            "--checkpoint",
+            action="extend",
+            type=_paths,
+            help="LoRA adapter folders, applied in order: --checkpoint a,b or --checkpoint a --checkpoint b",
+        )
+    else:
+        model.add_argument(
+            "--checkpoint",
+            default=None,
+            type=_none_or_path,
+            help="P-Tuning v2 checkpoint or LoRA adapter folder (the kind is detected); none: the base alone",
+        )
     model.add_argument(
         "--quantization_bit",
         type=int,
@@ -70,8 +81,9 @@ def problems(args) -> list[str]:
     found = []
     if not os.path.isfile(os.path.join(args.model_name_or_path, "config.json")):
         found.append(f"--model_name_or_path {args.model_name_or_path}: not a model folder (no config.json)")
-    if args.checkpoint and not os.path.isdir(args.checkpoint):
-        found.append(f"--checkpoint {args.checkpoint}: no such folder")
+    checkpoints = args.checkpoint if isinstance(args.checkpoint, list) else [args.checkpoint]
+    missing = [folder for folder in checkpoints if folder and not os.path.isdir(folder)]
+    found += [f"--checkpoint {folder}: no such folder" for folder in missing]
     if args.quantization_bit and not _cuda_available():
         found.append(f"--quantization_bit {args.quantization_bit} needs a CUDA GPU (bitsandbytes quantizes on the GPU)")
     return found
@@ -106,6 +118,10 @@ def generate_kwargs(args) -> dict:
         "top_p": args.top_p,
         "temperature": args.temperature,
     }
+
+
+def _paths(value: str) -> list[str]:
+    return [path for path in value.split(",") if path]
 
 
 def _none_or_path(value: str):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import TextIteratorStreamer
 
-from glmtune import lora, ptuning
+from glmtune import lora, ptuning, vocabulary
 from glmtune.arguments import DEFAULT_MAX_SOURCE_LENGTH, LoraArguments, ModelArguments, PtuningArguments
 from glmtune.encoding import PromptEncoder
 from glmtune.errors import GlmtuneError
@@ -158,10 +158,13 @@ def load_tuned(
     except ValueError as error:
         raise GlmtuneError(str(error)) from None
     model = load_base_model(model_args)
+    if method == "lora":  # resized to the tokenizer saved with the adapter first, where it has added tokens
+        model = lora.add_lora(model, LoraArguments(lora_checkpoint=checkpoint), len(tokenizer))
+    else:
+        why = vocabulary.FROZEN if method == "ptuning" else vocabulary.BASE_ALONE
+        vocabulary.refuse_frozen(model, len(tokenizer), why)
     if method == "ptuning":
         model = ptuning.add_prefix_encoder(model, PtuningArguments(ptuning_checkpoint=checkpoint))
-    elif method == "lora":
-        model = lora.add_lora(model, LoraArguments(lora_checkpoint=checkpoint))
     if not quantization_bit and torch.cuda.is_available():
         model = model.to("cuda")
     model.eval()
