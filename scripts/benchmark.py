@@ -462,14 +462,14 @@ def _precision(bits) -> str:
 
 
 def run_generation(folder, args) -> list:
-    """Greedy, 64 new tokens, ADGEN-length prompts, glmtune's batched predict for a P-Tuning v2 prefix and a LoRA
-    adapter, with the dynamic and the static key/value cache (its answers compared with the dynamic one's); and
+    """Greedy, 64 new tokens, ADGEN-length prompts, glmtune's batched predict for the base, a P-Tuning v2 prefix and
+    a LoRA adapter, with the dynamic and the static key/value cache (its answers compared with the dynamic one's); and
     one prompt at a time (prefix, dynamic cache)."""
     vocab = GlmConfig.from_pretrained(folder).vocab_size
     samples = synthetic_samples(args.prompts, {"source": (24, 64), "target": (1, 1)}, vocab)
     prompts = [{"input_ids": s["input_ids"][:-1], "labels": s["input_ids"][-1:]} for s in samples]
     results = []
-    for method in ("ptuning", "lora"):
+    for method in ("base", "ptuning", "lora"):
         model = _generation_model(folder, method)
         answers = {}
         for cache in ("dynamic", "static"):
@@ -501,6 +501,8 @@ GENERATE = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token
 def _generation_model(folder, method):
     model = load_base_model(ModelArguments(model_name_or_path=folder, torch_dtype="bfloat16"))
     torch.manual_seed(0)
+    if method == "base":
+        return model.eval()
     if method == "ptuning":
         return add_prefix_encoder(model, PtuningArguments(pre_seq_len=PRE_SEQ_LEN, prefix_dropout=0.0)).eval()
     model = add_lora(model, LoraArguments(lora_rank=8, lora_alpha=32, lora_dropout=0.0, lora_target="all"))
@@ -614,7 +616,11 @@ def main() -> None:
         help="glmtune rows: padding-free batches, as train.sh on a GPU (--no-padding_free: padded)",
     )
     recipe = parser.add_argument_group("recipe section (--rows recipe; scripts/benchmark_recipe.py)")
-    recipe.add_argument("--budgets", default="6,8,16,24", help="GiB: the cards emulated")
+    recipe.add_argument(
+        "--budgets",
+        default="6,8,16,24,naive",
+        help="GiB: the cards emulated; naive: the naive row's measured peak (the same memory, compared)",
+    )
     recipe.add_argument("--precisions", default="nf4,int8,bf16")
     recipe.add_argument("--recipe_methods", default="ptuning,lora")
     recipe.add_argument(

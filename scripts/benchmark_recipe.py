@@ -18,6 +18,7 @@ prefix tuning does not run on the original ChatGLM code's multi-query attention)
 import copy
 import gc
 import logging
+import math
 import os
 import shutil
 import time
@@ -192,7 +193,7 @@ def print_table(rows: list) -> None:
 
 
 def run(args, shared: str) -> list:
-    """Every row asked for, naive ones after each method and precision's budgets; the table last."""
+    """Every row asked for: per method and precision the naive row, then glmtune's budgets; the table last."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("glmtune").setLevel(logging.INFO)  # the memory plans and their probes, in the log
     tokenizer_dir = os.path.join(shared, "tokenizers", "chatglm3-6b")
@@ -203,17 +204,28 @@ def run(args, shared: str) -> list:
     if args.tiny:  # the naive rows read the chatglm3 tokenizer's ids: the tiny GLM needs its vocabulary size
         glm_dir = args.model.rstrip("/") + "-vocab65024"
     benchmark.ensure_model(glm_dir, {**benchmark.TINY, "vocab_size": 65024} if args.tiny else benchmark.CHATGLM3_6B)
-    budgets = [float(b) for b in args.budgets.split(",")]
     rows = []
     for precision in args.precisions.split(","):
         if BITS[precision] and not torch.cuda.is_available():
             continue
         for method in args.recipe_methods.split(","):
-            rows += glmtune_rows(chatglm_dir, train_file, method, precision, budgets, args)
             samples = _tokenized(chatglm_dir, train_file, method, args)
-            rows.append(naive_row(glm_dir, samples, method, precision, args))
+            naive = naive_row(glm_dir, samples, method, precision, args)  # first: its peak may be a budget
+            rows += glmtune_rows(chatglm_dir, train_file, method, precision, budgets(args.budgets, naive), args)
+            rows.append(naive)
     print_table(rows)
     return rows
+
+
+def budgets(spec: str, naive) -> list:
+    """--budgets in GiB; "naive" is the naive row's peak, rounded down to 0.01 GiB (left out where not measured)."""
+    values = []
+    for item in spec.split(","):
+        if item != "naive":
+            values.append(float(item))
+        elif naive.peak_gib:
+            values.append(math.floor(naive.peak_gib * 100) / 100)
+    return values
 
 
 def _tokenized(folder: str, train_file: str, method: str, args) -> list:
