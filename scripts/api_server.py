@@ -49,10 +49,7 @@ def main(argv=None):
         import uvicorn
     except ImportError:
         exit_with(GlmtuneError("the API server needs fastapi and uvicorn: pip install -r requirements-demo.txt"))
-    try:  # the cheap checks first, so that a mistyped path fails at once, before torch and transformers load
-        tuned = options.load(args)
-    except (GlmtuneError, OSError, ValueError) as error:
-        exit_with(error)
+    tuned = options.load_or_exit(args)  # the cheap checks first: a mistyped path fails before torch loads
     folder = args.checkpoint or args.model_name_or_path
     model_name = args.model_name or os.path.basename(os.path.normpath(folder))
     from glmtune.serve.app import create_app

@@ -21,12 +21,10 @@ import logging
 import math
 import os
 import shutil
-import time
 from dataclasses import dataclass
 
 import benchmark
 import torch
-from transformers import TrainerCallback
 
 from glmtune import chatglm
 from glmtune.errors import GlmtuneError
@@ -42,21 +40,6 @@ METHOD_FLAGS = {
 }  # fmt: skip
 BITS = {"nf4": 4, "int8": 8, "bf16": None}
 NAIVE_SETTING = dict(batch=1, source=(64, 64), target=(65, 65), checkpointing=True)  # answer + eos: 65
-
-
-class OptimizerStepTimer(TrainerCallback):
-    """Seconds for optimizer steps warmup+1 .. warmup+steps (synchronised at the window's edges only)."""
-
-    def __init__(self, warmup: int, steps: int):
-        self.warmup, self.last, self.start, self.end = warmup, warmup + steps, None, None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step in (self.warmup, self.last) and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        if state.global_step == self.warmup:
-            self.start = time.perf_counter()
-        if state.global_step == self.last:
-            self.end = time.perf_counter()
 
 
 def ensure_chatglm3_folder(folder: str, tokenizer_dir: str, tiny: bool) -> None:
@@ -118,7 +101,7 @@ def glmtune_rows(folder: str, train_file: str, method: str, precision: str, budg
 
 def _budget_row(config, model, tokenizer, prompt_format, datasets, method, precision, budget, args):
     name = f"recipe-{method}-{precision}-{budget}gib"
-    timer = OptimizerStepTimer(args.warmup, args.steps)
+    timer = benchmark.StepTimer(args.warmup, args.steps)
     cap_memory(budget)
     try:
         metrics = run_tasks(config, model, tokenizer, prompt_format, datasets, callbacks=[timer])

@@ -11,7 +11,6 @@ the history, "stop", "exit", "quit" or end of input (Ctrl-D) quits.
 import os
 import sys
 
-from glmtune.errors import GlmtuneError, exit_with
 from glmtune.serve import options
 
 USER_PROMPT = "用户："
@@ -77,10 +76,7 @@ def chat(tuned, args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
-        tuned = options.load(args)
-    except GlmtuneError as error:
-        exit_with(error)
+    tuned = options.load_or_exit(args)
     try:
         chat(tuned, args)
     except KeyboardInterrupt:

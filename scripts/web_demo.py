@@ -20,7 +20,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reporting
 
 import gradio as gr  # noqa: E402
 
-from glmtune.errors import GlmtuneError, exit_with  # noqa: E402
 from glmtune.serve import DEFAULT_MAX_NEW_TOKENS, options  # noqa: E402
 
 MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS  # slider defaults (TunedModel's default too)
@@ -108,10 +107,7 @@ def build_demo(tuned, title: str = "glmtune chat") -> gr.Blocks:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
-        tuned = options.load(args)
-    except GlmtuneError as error:
-        exit_with(error)
+    tuned = options.load_or_exit(args)
     demo = build_demo(tuned)
     demo.queue().launch(
         server_name=args.host,

@@ -89,6 +89,16 @@ def problems(args) -> list[str]:
     return found
 
 
+def load_or_exit(args):
+    """:func:`load`, or one ``error:`` line per problem and exit 2 (a bad folder or file: no traceback)."""
+    from glmtune.errors import exit_with
+
+    try:
+        return load(args)
+    except (GlmtuneError, OSError, ValueError) as error:
+        exit_with(error)
+
+
 def load(args):
     """The tuned model the options name (checked first: one ``GlmtuneError`` listing every problem)."""
     found = problems(args)
