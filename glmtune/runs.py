@@ -24,6 +24,15 @@ logger = logging.getLogger(__name__)
 
 IDENTITY_FILE = "run.json"
 TRAINER_STATE = "trainer_state.json"
+# LoRA settings that change the trained function beyond rank and targets: in the identity only when set away from
+# these defaults, so that the run.json of runs from before them still identifies them.
+LORA_OPTIONS = {
+    "lora_variant": "lora",
+    "use_dora": False,
+    "use_rslora": False,
+    "init_lora_weights": "true",
+    "adalora_init_rank": None,
+}
 
 
 class RunFinished(GlmtuneError):
@@ -37,6 +46,7 @@ def identity(config) -> dict:
         shape = {k: getattr(config.ptuning, k) for k in ("pre_seq_len", "prefix_projection", "prefix_hidden_size")}
     else:
         shape = {"lora_rank": config.lora.lora_rank, "lora_target": config.lora.lora_target}
+        shape.update({k: getattr(config.lora, k) for k, v in LORA_OPTIONS.items() if getattr(config.lora, k) != v})
     return {
         "method": config.method,
         "base": _config_digest(config.model.model_name_or_path),
