@@ -121,10 +121,10 @@ def _shown(flag: str, value) -> str:
 
 def lora_problems(settings: dict, config) -> list[str]:
     """LoRA options that PEFT or glmtune cannot run together (``config``: glmtune.parsing.RunConfig), one line each."""
-    problems = _choice_problems(settings) or _warm_start_problems(settings, config)
+    given = given_lora_flags(config.lora, config.given)
+    problems = _choice_problems(given) or _warm_start_problems(settings, config)
     if problems:
         return problems
-    given = given_lora_flags(config.lora, config.given)
     if settings["lora_variant"] == "adalora":
         problems += _adalora_problems(settings, config)
     else:
@@ -132,15 +132,14 @@ def lora_problems(settings: dict, config) -> list[str]:
     return problems + _init_problems(settings, given, config) + _loraplus_problems(settings, config)
 
 
-def _choice_problems(settings: dict) -> list[str]:
-    problems = []
-    if settings["lora_variant"] not in LORA_VARIANTS:
-        problems.append(f"--lora_variant must be one of {', '.join(LORA_VARIANTS)}, got {settings['lora_variant']!r}")
-    if settings["init_lora_weights"] not in LORA_INITS:
-        problems.append(
-            f"--init_lora_weights must be one of {', '.join(LORA_INITS)}, got {settings['init_lora_weights']!r}"
-        )
-    return problems
+def _choice_problems(given: dict) -> list[str]:
+    """The names given (a checkpoint's are taken as PEFT wrote them)."""
+    choices = {"lora_variant": LORA_VARIANTS, "init_lora_weights": LORA_INITS}
+    return [
+        f"--{flag} must be one of {', '.join(names)}, got {given[flag]!r}"
+        for flag, names in choices.items()
+        if flag in given and given[flag] not in names
+    ]
 
 
 def _adalora_problems(settings: dict, config) -> list[str]:

@@ -9,6 +9,7 @@ GLM and on a tiny ChatGLM2 folder (original layout and tokenizer, from ../shared
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from transformers import TrainerCallback
 
 from glmtune import workflow
 from glmtune.arguments import LoraArguments, ModelArguments, PtuningArguments
+from glmtune.cli import main
 from glmtune.data import Collator
 from glmtune.lora import add_lora
 from glmtune.model import load_base_model
@@ -156,3 +158,34 @@ def test_warm_start_trains_the_checkpoint_on_new_data(method, base, tmp_path, ca
     identity = json.loads((tmp_path / "next" / "run.json").read_text())["trained_weights"]
     expected = {"pre_seq_len": 4} if method == "ptuning" else {"lora_rank": 4}
     assert expected.items() <= identity.items()  # the checkpoint's shape (no shape flag was given)
+
+
+def test_a_warm_start_takes_the_checkpoints_settings_and_may_set_its_dropout(tiny_model_dir, lora_checkpoint, tmp_path):
+    """No shape flag given: rank, alpha and targets are the adapter's (rank 4, alpha 32); --lora_dropout, a
+    training setting, is the one given. The adapter loads trainable (PEFT loads adapters frozen by default)."""
+    argv = ["--do_train", "--train_file", str(TOY_TRAIN), "--model_name_or_path", str(tiny_model_dir)]
+    argv += ["--output_dir", str(tmp_path / "out"), "--lora_checkpoint", str(lora_checkpoint), "--lora_dropout", "0.3"]
+    config = parse_args("lora", argv)
+    assert (config.lora.lora_rank, config.lora.lora_alpha, config.lora.lora_dropout) == (4, 32.0, 0.3)
+    base = load_base_model(ModelArguments(model_name_or_path=str(tiny_model_dir), torch_dtype="float32"))
+    model = add_lora(base, config.lora, trainable=True)
+    dropouts = {m.p for name, m in model.named_modules() if name.endswith("lora_dropout.default")}
+    assert dropouts == {0.3}
+    lora_weights = [p for name, p in model.named_parameters() if "lora_" in name]
+    assert len(lora_weights) == 2 * 2 * 6 and all(p.requires_grad for p in lora_weights)
+
+
+def test_an_adapter_with_peft_settings_glmtune_has_no_flag_for_loads_as_peft_wrote_it(
+    tiny_model_dir, lora_checkpoint, tmp_path
+):
+    """init_lora_weights false (no --init_lora_weights value): irrelevant to a trained adapter, not refused."""
+    folder = shutil.copytree(lora_checkpoint, tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": False}))
+    out = tmp_path / "predict"
+    main(
+        "lora",
+        ["--do_predict", "--test_file", str(TOY_DEV), "--max_predict_samples", "2", "--max_new_tokens", "2"]
+        + ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--lora_checkpoint", str(folder)],
+    )
+    assert len((out / "generated_predictions.txt").read_text().splitlines()) == 2
