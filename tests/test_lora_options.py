@@ -198,3 +198,17 @@ def test_loraplus_resumes_to_the_uninterrupted_weights(tiny_model_dir, tmp_path)
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=1e-5)
     assert any(not torch.equal(full[name], start[name]) for name in full)
+
+
+def test_a_pissa_run_resumes_to_the_uninterrupted_adapter(tiny_model_dir, tmp_path):
+    """Resuming rebuilds the PiSSA start from the base (the same decomposition) and loads checkpoint-3, kept in
+    PEFT's form, into it: the final adapter, converted on save, is the uninterrupted run's."""
+    flags = [*train_flags("lora"), "--lora_dropout", "0", "--init_lora_weights", "pissa"]
+    run("lora", tiny_model_dir, tmp_path / "full", *flags)
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "cut" / "checkpoint-3")
+    run("lora", tiny_model_dir, tmp_path / "cut", *flags, "--resume_from_checkpoint", "last")
+    full = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    resumed = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
+    assert full.keys() == resumed.keys() and all(t.shape[0] == 2 * RANK for k, t in full.items() if "lora_A" in k)
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=1e-5)
