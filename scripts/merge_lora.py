@@ -11,6 +11,7 @@ never a half-written folder. Only LoRA merges: a P-Tuning v2 prefix is extra key
 change of weights.
 """
 
+import json
 import logging
 import os
 
@@ -56,6 +57,12 @@ def check_args(args) -> None:
             "fed to every layer, not a change of weights, so it cannot be merged into the model. Load it with "
             "the base instead (--checkpoint in scripts/cli_demo.py, --ptuning_checkpoint in ptuning/main.py)."
         )
+    if _initialized_with(args.checkpoint) == "loftq":
+        raise GlmtuneError(
+            f"--checkpoint {args.checkpoint} was trained with --init_lora_weights loftq: it makes up for the error of "
+            "the 4-bit base it was trained on, so merged into the full-precision base it would add that error back. "
+            "Use it unmerged on the 4-bit base (QUANTIZATION_BIT=4 in evaluate.sh and the demos)."
+        )
     args.output = args.output or args.checkpoint.rstrip("/\\") + "-merged"
     output = os.path.realpath(args.output)
     for flag, path in (("--model_name_or_path", args.model_name_or_path), ("--checkpoint", args.checkpoint)):
@@ -74,6 +81,18 @@ def check_args(args) -> None:
         convert_file_size_to_int(args.max_shard_size)
     except ValueError:
         raise GlmtuneError(f"--max_shard_size {args.max_shard_size}: not a size (e.g. 2GB, 500MB)") from None
+
+
+def _initialized_with(checkpoint: str) -> str | None:
+    """How the adapter started, from the run.json glmtune writes beside it (PEFT's config says true for LoftQ: its
+    LoftQ on a quantized base replaces the weights after a plain start)."""
+    from glmtune.runs import IDENTITY_FILE
+
+    try:
+        with open(os.path.join(checkpoint, IDENTITY_FILE), encoding="utf-8") as f:
+            return json.load(f).get("trained_weights", {}).get("init_lora_weights")
+    except (OSError, ValueError, AttributeError):
+        return None  # an adapter from elsewhere, or a run from before the option
 
 
 def merge(args) -> str:
