@@ -156,7 +156,10 @@ class PtuningArguments:
 
 @dataclass
 class LoraArguments:
-    lora_rank: int | None = field(default=None, metadata={"help": "LoRA: rank r (default 8)."})
+    lora_rank: int | None = field(
+        default=None,
+        metadata={"help": "LoRA: rank r (default 8). AdaLoRA: the average rank its budget ends with (its target_r)."},
+    )
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA: scaling alpha (default 32)."})
     lora_dropout: float | None = field(default=None, metadata={"help": "LoRA: dropout (default 0.1)."})
     lora_target: str | None = field(
@@ -167,7 +170,59 @@ class LoraArguments:
         },
     )
     lora_checkpoint: str | None = field(
-        default=None, metadata={"help": "LoRA: an adapter folder (PEFT format) to load and evaluate."}
+        default=None,
+        metadata={
+            "help": "LoRA: an adapter folder (PEFT format). Evaluated as it is; with --do_train, training starts "
+            "from its weights (a warm start on new data, with a new optimizer and schedule; --resume_from_checkpoint "
+            "continues the same run instead). Its adapter_config.json sets the adapter's shape: LoRA flags given "
+            "must agree with it (--lora_dropout may differ)."
+        },
+    )
+    lora_variant: str | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA: lora (default) or adalora (AdaLoRA: adapters in SVD form whose ranks are reallocated "
+            "while training, from --adalora_init_rank per layer down to an average of --lora_rank; needs --max_steps)."
+        },
+    )
+    use_dora: bool = field(
+        default=False,
+        metadata={
+            "help": "LoRA: DoRA, weight-decomposed LoRA (a trained magnitude per output row of each adapted weight, "
+            "LoRA's update for its direction). Slower steps (PEFT's own forward, float32)."
+        },
+    )
+    use_rslora: bool = field(
+        default=False,
+        metadata={"help": "LoRA: rsLoRA, scaling by alpha / sqrt(r) instead of alpha / r (for high ranks)."},
+    )
+    init_lora_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA: how a new adapter starts. true (default: A random, B zero, so training starts at the "
+            "base), gaussian (A gaussian, B zero), pissa (A and B from each weight's principal singular vectors, "
+            "the rest stays in the base: full-precision bases), olora (from each weight's QR decomposition: "
+            "full-precision bases), loftq (A and B make up for the quantization error of a 4-bit base: "
+            "--quantization_bit 4). A PiSSA/OLoRA run's final adapter is saved converted to a plain LoRA of twice "
+            "the rank that applies to the original base."
+        },
+    )
+    loraplus_lr_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA+: the B matrices train at this many times --learning_rate (the LoRA+ paper suggests 16; "
+            "PEFT's create_loraplus_optimizer). Default: one learning rate for all."
+        },
+    )
+    adalora_init_rank: int | None = field(
+        default=None,
+        metadata={"help": "AdaLoRA: the rank every adapted layer starts with (default 1.5 x --lora_rank: 12 for 8)."},
+    )
+    adalora_tinit: int | None = field(
+        default=None, metadata={"help": "AdaLoRA: steps trained before ranks are reallocated (default 0)."}
+    )
+    adalora_tfinal: int | None = field(
+        default=None, metadata={"help": "AdaLoRA: last steps trained with the final ranks (default 0)."}
     )
     modules_to_save: str | None = field(
         default=None,
@@ -180,7 +235,20 @@ class LoraArguments:
     )
 
 
-LORA_DEFAULTS = {"lora_rank": 8, "lora_alpha": 32.0, "lora_dropout": 0.1, "lora_target": "all"}
+LORA_DEFAULTS = {
+    "lora_rank": 8,
+    "lora_alpha": 32.0,
+    "lora_dropout": 0.1,
+    "lora_target": "all",
+    "lora_variant": "lora",
+    "use_dora": False,
+    "use_rslora": False,
+    "init_lora_weights": "true",
+    "adalora_tinit": 0,
+    "adalora_tfinal": 0,
+}
+LORA_VARIANTS = ("lora", "adalora")  # --lora_variant
+LORA_INITS = ("true", "gaussian", "pissa", "olora", "loftq")  # --init_lora_weights
 
 
 @dataclass

@@ -12,11 +12,10 @@ from dataclasses import dataclass, fields
 
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
-from glmtune import ranges
+from glmtune import ranges, settings
 from glmtune.arguments import (
     DATA_FORMATS,
     DTYPES,
-    LORA_DEFAULTS,
     PREDICTION_FIELDS,
     DataArguments,
     GenerationArguments,
@@ -120,6 +119,7 @@ def _given_flags(args) -> frozenset:
 def check_args(config: RunConfig) -> None:
     problems = (
         _method_problems(config)
+        + _settings_problems(config)
         + _range_problems(config)
         + _task_problems(config)
         + _report_to_problems(config)
@@ -177,6 +177,14 @@ def _method_problems(config: RunConfig) -> list[str]:
         if config.training.do_train and config.ptuning.pre_seq_len is None and not config.ptuning.ptuning_checkpoint:
             problems.append("--pre_seq_len is required to train P-Tuning v2 (the ChatGLM scripts use 128)")
     return problems
+
+
+def _settings_problems(config: RunConfig) -> list[str]:
+    """A checkpoint's own config against the flags given; LoRA options that cannot run together."""
+    if config.method == "ptuning":
+        return settings.prefix_settings(config)[1]
+    lora_settings, problems = settings.lora_settings(config.lora, config.given)
+    return problems + settings.lora_problems(lora_settings, config)
 
 
 def _flags(names) -> str:
@@ -437,10 +445,7 @@ def _fill_defaults(config: RunConfig) -> None:
     data, training = config.data, config.training
     if data.val_max_target_length is None:
         data.val_max_target_length = data.max_target_length
-    if config.method == "lora":
-        for name, value in LORA_DEFAULTS.items():
-            if getattr(config.lora, name) is None:
-                setattr(config.lora, name, value)
+    _fill_method_settings(config)
     # Non-reentrant checkpointing lets gradients reach the prefix encoder, whose output every
     # checkpointed layer reads without receiving it as an input (reentrant mode would drop them).
     if training.gradient_checkpointing_kwargs is None:
@@ -449,8 +454,12 @@ def _fill_defaults(config: RunConfig) -> None:
         training.predict_with_generate = True  # prediction means generating text to score
     if config.run.compile_layers is None:  # measured on bf16 bases only (docs/benchmarks.md); opt in for 4/8-bit
         config.run.compile_layers = (
-            training.do_train and _cuda_available() and not config.model.quantization_bit and zero_stage(training) != 3
-        )  # ZeRO-3: see _distributed_problems
+            training.do_train
+            and _cuda_available()
+            and not config.model.quantization_bit
+            and zero_stage(training) != 3  # see _distributed_problems
+            and config.lora.lora_variant != "adalora"  # its layers keep PEFT's forward (glmtune.speed.fast_lora)
+        )
     if config.run.padding_free is None and not (
         training.do_train and _cuda_available() and config.model.torch_dtype != "float32"
     ):
@@ -461,3 +470,15 @@ def _fill_defaults(config: RunConfig) -> None:
         training.ddp_find_unused_parameters = False
     training.remove_unused_columns = False  # our collators build exactly the model's inputs
     training.label_names = ["labels"]  # PEFT wrappers hide the forward signature the Trainer reads this from
+
+
+def _fill_method_settings(config: RunConfig) -> None:
+    """The trained weights' settings: the flags given, else the checkpoint's, else the defaults (glmtune.settings)."""
+    if config.method == "ptuning":
+        for name, value in settings.prefix_settings(config)[0].items():
+            setattr(config.ptuning, name, value)
+        return
+    for name, value in settings.lora_settings(config.lora, config.given)[0].items():
+        setattr(config.lora, name, value)
+    if config.lora.lora_variant == "adalora":  # its orthogonality penalty comes with PEFT's loss from labels
+        config.run.target_token_loss = False

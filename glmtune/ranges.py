@@ -58,7 +58,10 @@ RULES = {
         "preprocessing_num_workers": positive_int,
     },
     "ptuning": {"pre_seq_len": positive_int, "prefix_hidden_size": positive_int, "prefix_dropout": below_one},
-    "lora": {"lora_rank": positive_int, "lora_alpha": positive, "lora_dropout": below_one},
+    "lora": {
+        "lora_rank": positive_int, "lora_alpha": positive, "lora_dropout": below_one, "loraplus_lr_ratio": positive,
+        "adalora_init_rank": positive_int, "adalora_tinit": non_negative_int, "adalora_tfinal": non_negative_int,
+    },
     "generation": {
         "max_new_tokens": positive_int, "num_beams": positive_int, "top_p": probability, "temperature": positive,
         "repetition_penalty": positive,

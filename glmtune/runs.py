@@ -24,6 +24,15 @@ logger = logging.getLogger(__name__)
 
 IDENTITY_FILE = "run.json"
 TRAINER_STATE = "trainer_state.json"
+# LoRA settings that change the trained function beyond rank and targets: in the identity only when set away from
+# these defaults, so that the run.json of runs from before them still identifies them.
+LORA_OPTIONS = {
+    "lora_variant": "lora",
+    "use_dora": False,
+    "use_rslora": False,
+    "init_lora_weights": "true",
+    "adalora_init_rank": None,
+}
 
 
 class RunFinished(GlmtuneError):
@@ -39,6 +48,7 @@ def identity(config) -> dict:
         shape = {"lora_rank": config.lora.lora_rank, "lora_target": config.lora.lora_target}
         if config.lora.modules_to_save:  # only when given: runs from before the flag keep their identity
             shape["modules_to_save"] = config.lora.modules_to_save
+        shape.update({k: getattr(config.lora, k) for k, v in LORA_OPTIONS.items() if getattr(config.lora, k) != v})
     return {
         "method": config.method,
         "base": _config_digest(config.model.model_name_or_path),

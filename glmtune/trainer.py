@@ -4,7 +4,8 @@ Checkpoints (``checkpoint-N/`` and the final output folder):
 
 * P-Tuning v2: ``prefix_encoder.safetensors`` + ``prefix_config.json`` (:func:`glmtune.ptuning.save_checkpoint`);
 * LoRA: PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` (``PeftModel.from_pretrained`` loads it;
-  the config rewritten so that PEFT 0.6 and later all load it: :mod:`glmtune.adapter_config`);
+  the config rewritten so that PEFT 0.6 and later all load it: :mod:`glmtune.adapter_config`; a PiSSA/OLoRA
+  run's final adapter converted to a plain LoRA, :func:`glmtune.lora.save_adapter`);
 * both: tokenizer files, ``training_args.bin``, and in step checkpoints the optimizer, scheduler, RNG and
   ``trainer_state.json`` that ``--resume_from_checkpoint`` needs.
 
@@ -30,7 +31,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from glmtune import adapter_config, ptuning, runs, vocabulary
+from glmtune import adapter_config, lora, ptuning, runs, vocabulary
 from glmtune.generation import blank_stop_tokens
 from glmtune.metrics import decode_texts
 
@@ -45,17 +46,20 @@ class GlmtuneTrainer(Seq2SeqTrainer):
         generate_kwargs: dict | None = None,
         generate_eagerly=False,
         run_identity: dict | None = None,
+        make_optimizer=None,
         **kwargs,
     ):
         """``generate_eagerly``: the decoder layers were compiled for training; with a KV cache they would be
         recompiled for every layer, so generation runs them eagerly. ``run_identity``: written beside the trained
-        weights (glmtune.runs), so that a resume can tell this run's checkpoints from another's."""
+        weights (glmtune.runs), so that a resume can tell this run's checkpoints from another's.
+        ``make_optimizer(model, args)``: the method's own optimizer (LoRA+), instead of Trainer's."""
         allow_quantized_base(kwargs.get("model"))
         super().__init__(*args, **kwargs)
         self.eval_collator = eval_collator or self.data_collator
         self.generate_kwargs = generate_kwargs or {}
         self.generation_stance = "force_eager" if generate_eagerly else "default"
         self.run_identity = run_identity
+        self.make_optimizer = make_optimizer
         if self.args.device.type == "cpu" and self.args.device.index is not None:
             _load_cpu_indexed_storage()
 
@@ -76,6 +80,12 @@ class GlmtuneTrainer(Seq2SeqTrainer):
         finally:
             self.data_collator = train_collator
 
+    def create_optimizer(self, model=None):
+        """Trainer's public hook for another optimizer; Trainer builds and resumes it as its own."""
+        if self.optimizer is None and self.make_optimizer is not None:
+            self.optimizer = self.make_optimizer(self.model if model is None else model, self.args)
+        return super().create_optimizer(model)
+
     # ------------------------------------------------------------------ saving and loading
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -88,18 +98,27 @@ class GlmtuneTrainer(Seq2SeqTrainer):
 
     def _save_trained_weights(self, output_dir: str, _internal_call: bool) -> None:
         model = self.accelerator.unwrap_model(self.model)
-        if not ptuning.is_prefix_tuned(model):
-            with _embeddings_saved_once(model):
-                super().save_model(output_dir, _internal_call)
-            if self.args.should_save and os.path.isfile(os.path.join(output_dir, adapter_config.CONFIG_FILE)):
-                adapter_config.make_portable(output_dir)  # PEFT 0.6-0.13 refuse the keys newer versions write
+        if ptuning.is_prefix_tuned(model):
+            with _gathered(model.prefix_encoder, self.is_deepspeed_enabled):
+                if self.args.should_save:
+                    ptuning.save_checkpoint(model, output_dir)
+                    self._save_beside_weights(output_dir)
             return
-        with _gathered(model.prefix_encoder, self.is_deepspeed_enabled):
-            if self.args.should_save:
-                ptuning.save_checkpoint(model, output_dir)
-                if self.processing_class is not None:
-                    self.processing_class.save_pretrained(output_dir)
-                torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        with _embeddings_saved_once(model):
+            if lora.converts_on_save(model) and not _internal_call:  # the final adapter, not a step checkpoint's
+                lora.save_adapter(model, output_dir, is_main_process=self.args.should_save)
+                if self.args.should_save:
+                    self._save_beside_weights(output_dir)
+            else:
+                super().save_model(output_dir, _internal_call)
+        if self.args.should_save and os.path.isfile(os.path.join(output_dir, adapter_config.CONFIG_FILE)):
+            adapter_config.make_portable(output_dir)  # PEFT 0.6-0.13 refuse the keys newer versions write
+
+    def _save_beside_weights(self, output_dir: str) -> None:
+        """What Trainer writes beside a model it saves: the tokenizer and the training arguments."""
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _save_checkpoint(self, model, trial) -> None:
         # Why: a run killed mid-save left a partial checkpoint-N, and --resume_from_checkpoint last

@@ -10,9 +10,8 @@ import logging
 from accelerate import PartialState
 from transformers import set_seed
 
-from glmtune import report, runs, speed, vocabulary
+from glmtune import lora, report, runs, settings, speed, vocabulary
 from glmtune.data import Collator, PaddingFreeCollator, load_split, tokenize
-from glmtune.lora import add_lora, check_targets_early, check_vocabulary
 from glmtune.metrics import ComputeMetrics
 from glmtune.model import empty_model, load_base_model, load_tokenizer
 from glmtune.parsing import RunConfig
@@ -29,14 +28,29 @@ SPLITS = {  # split -> (file flag, sample limit flag, task flag)
 }
 
 
-def run(config: RunConfig) -> dict:
+def run(config: RunConfig, callbacks=()) -> dict:
+    """``callbacks``: Trainer callbacks (benchmarks, tests)."""
     set_seed(config.training.seed)
+    if config.method == "lora":
+        settle_lora_targets(config)
     config.training.resume_from_checkpoint = runs.resume_checkpoint(config)  # this run's, with steps left
-    if config.method == "lora" and config.training.do_train and not config.lora.lora_checkpoint:
-        check_targets_early(config.model, config.lora)
     tokenizer, prompt_format, datasets = prepare_data(config)
     model = build_model(config, len(tokenizer))
-    return run_tasks(config, model, tokenizer, prompt_format, datasets)
+    return run_tasks(config, model, tokenizer, prompt_format, datasets, callbacks)
+
+
+def settle_lora_targets(config: RunConfig) -> None:
+    """--lora_target checked on the base's modules before anything loads; with --lora_checkpoint, the targets
+    are the checkpoint's (so a warm start's identity names them)."""
+    lora_args = config.lora
+    if not lora_args.lora_checkpoint:
+        if config.training.do_train:
+            lora.check_targets_early(config.model, lora_args)
+        return
+    saved = settings.saved_lora_targets(lora_args.lora_checkpoint)
+    if "lora_target" in config.given and lora_args.lora_target != saved:
+        lora.check_targets_early(config.model, lora_args, saved)
+    lora_args.lora_target = saved
 
 
 def prepare_data(config: RunConfig) -> tuple:
@@ -110,7 +124,7 @@ def check_embeddings_early(config: RunConfig, tokenizer_size: int) -> None:
     if model is None:
         return
     if config.method == "lora" and (config.training.do_train or config.lora.lora_checkpoint):
-        check_vocabulary(model, config.lora, tokenizer_size)
+        lora.check_vocabulary(model, config.lora, tokenizer_size)
     elif config.method == "ptuning" and (config.training.do_train or config.ptuning.ptuning_checkpoint):
         vocabulary.refuse_frozen(model, tokenizer_size, vocabulary.FROZEN)
     else:
@@ -120,15 +134,21 @@ def check_embeddings_early(config: RunConfig, tokenizer_size: int) -> None:
 def attach_method(config: RunConfig, model, tokenizer_size: int):
     """The method on the loaded base; the embeddings checked again (the early check needs an empty copy, which not
     every base can build); add_lora checks its own."""
-    if not config.training.do_train and not (config.ptuning.ptuning_checkpoint or config.lora.lora_checkpoint):
+    training = config.training
+    checkpoint = config.ptuning.ptuning_checkpoint or config.lora.lora_checkpoint
+    if not training.do_train and not checkpoint:
         vocabulary.refuse_frozen(model, tokenizer_size, vocabulary.BASE_ALONE)
         logger.warning("No checkpoint given: evaluating the base model alone (the 'before' of a comparison)")
         return model
+    if training.do_train and checkpoint and not training.resume_from_checkpoint:
+        logger.info("Continuing training from %s (warm start: new optimizer and schedule)", checkpoint)
     if config.method == "ptuning":
         vocabulary.refuse_frozen(model, tokenizer_size, vocabulary.FROZEN)
         model = add_prefix_encoder(model, config.ptuning)
     else:
-        model = add_lora(model, config.lora, tokenizer_size)
+        model = lora.add_lora(
+            model, config.lora, tokenizer_size, trainable=training.do_train, total_steps=training.max_steps
+        )
     log_trainable(model)
     return model
 
@@ -152,6 +172,7 @@ def build_trainer(
     generating = training.predict_with_generate
     generate_kwargs = config.generation.to_generate_kwargs(config.data.val_max_target_length)
     generate_kwargs.update(prompt_format.generation_ids(), use_cache=True)
+    ratio = config.lora.loraplus_lr_ratio if config.method == "lora" else None
     return speed.FastStepTrainer(
         model=model,
         args=training,
@@ -165,7 +186,8 @@ def build_trainer(
         generate_eagerly=bool(config.run.compile_layers),
         run_identity=identity,
         target_token_loss=config.run.target_token_loss,
-        callbacks=[report.LossCurve()] if training.do_train else None,
+        make_optimizer=lora.loraplus_optimizer(ratio) if ratio else None,
+        callbacks=[report.LossCurve(), *lora.training_callbacks(model)] if training.do_train else None,
     )
 
 

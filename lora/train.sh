@@ -32,6 +32,17 @@ MODULES_TO_SAVE=${MODULES_TO_SAVE:-}          # modules trained in full and save
                                               # embed_tokens,lm_head (required when the tokenizer has added tokens:
                                               # the base is resized for them); empty: none
 LR=${LR:-5e-3}
+# LoRA options (README: LoRA options); empty: plain LoRA
+LORA_VARIANT=${LORA_VARIANT:-}                # adalora: AdaLoRA, ranks reallocated while training (LORA_RANK on average)
+ADALORA_INIT_RANK=${ADALORA_INIT_RANK:-}      # AdaLoRA: starting rank per layer; empty: 1.5 x LORA_RANK
+ADALORA_TINIT=${ADALORA_TINIT:-}              # AdaLoRA: steps before ranks move / last steps with final ranks; empty: 0
+ADALORA_TFINAL=${ADALORA_TFINAL:-}
+USE_DORA=${USE_DORA:-}                        # True: DoRA (a trained magnitude per output row; slower steps)
+USE_RSLORA=${USE_RSLORA:-}                    # True: rsLoRA, scaled by LORA_ALPHA / sqrt(LORA_RANK)
+INIT_LORA_WEIGHTS=${INIT_LORA_WEIGHTS:-}      # gaussian, pissa, olora, or loftq (with QUANTIZATION_BIT=4); empty: true
+LORAPLUS_LR_RATIO=${LORAPLUS_LR_RATIO:-}      # e.g. 16: LoRA+, the B matrices train at 16 x LR
+LORA_CHECKPOINT=${LORA_CHECKPOINT:-}          # an adapter to train further on TRAIN_FILE (a warm start: new optimizer
+                                              # and schedule); the settings above must match its adapter_config.json
 ### training
 BATCH_SIZE=${BATCH_SIZE:-16}                  # per device; BATCH_SIZE x GRAD_ACCUM is the effective batch
 GRAD_ACCUM=${GRAD_ACCUM:-1}
@@ -64,7 +75,12 @@ case "$PREVIOUS_RUN" in
 esac
 [ -n "$HISTORY_COLUMN" ] && extra+=(--history_column "$HISTORY_COLUMN")
 [ -n "$DATA_FORMAT" ] && extra+=(--data_format "$DATA_FORMAT")
-[ -n "$MODULES_TO_SAVE" ] && extra+=(--modules_to_save "$MODULES_TO_SAVE")
+lora_options=(modules_to_save lora_variant adalora_init_rank adalora_tinit adalora_tfinal use_dora use_rslora
+    init_lora_weights loraplus_lr_ratio lora_checkpoint)
+for flag in "${lora_options[@]}"; do           # each variable above, named in capitals, when set
+    variable=${flag^^}
+    [ -n "${!variable}" ] && extra+=(--"$flag" "${!variable}")
+done
 source "$REPO/scripts/launch.sh"              # sets launch (python or torchrun), adds --deepspeed
 
 "${launch[@]}" "$REPO/lora/main.py" \

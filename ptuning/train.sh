@@ -26,6 +26,8 @@ MAX_TARGET_LENGTH=${MAX_TARGET_LENGTH:-64}
 ### method
 PRE_SEQ_LEN=${PRE_SEQ_LEN:-32}                # ChatGLM-6B uses 128 on its 28-layer model
 LR=${LR:-2e-2}
+PTUNING_CHECKPOINT=${PTUNING_CHECKPOINT:-}    # a prefix to train further on TRAIN_FILE (a warm start: new optimizer
+                                              # and schedule); PRE_SEQ_LEN must match its prefix_config.json
 ### training
 BATCH_SIZE=${BATCH_SIZE:-16}                  # per device; BATCH_SIZE x GRAD_ACCUM is the effective batch
 GRAD_ACCUM=${GRAD_ACCUM:-1}
@@ -58,6 +60,7 @@ case "$PREVIOUS_RUN" in
 esac
 [ -n "$HISTORY_COLUMN" ] && extra+=(--history_column "$HISTORY_COLUMN")
 [ -n "$DATA_FORMAT" ] && extra+=(--data_format "$DATA_FORMAT")
+[ -n "$PTUNING_CHECKPOINT" ] && extra+=(--ptuning_checkpoint "$PTUNING_CHECKPOINT")
 source "$REPO/scripts/launch.sh"              # sets launch (python or torchrun), adds --deepspeed
 
 "${launch[@]}" "$REPO/ptuning/main.py" \

@@ -16,6 +16,7 @@ half-written folder. Only LoRA merges: a P-Tuning v2 prefix is extra key/value s
 weights.
 """
 
+import json
 import logging
 import os
 
@@ -85,6 +86,24 @@ def _check_adapter(folder: str) -> None:
             "fed to every layer, not a change of weights, so it cannot be merged into the model. Load it with "
             "the base instead (--checkpoint in scripts/cli_demo.py, --ptuning_checkpoint in ptuning/main.py)."
         )
+    if _initialized_with(folder) == "loftq":
+        raise GlmtuneError(
+            f"--checkpoint {folder} was trained with --init_lora_weights loftq: it makes up for the error of "
+            "the 4-bit base it was trained on, so merged into the full-precision base it would add that error back. "
+            "Use it unmerged on the 4-bit base (QUANTIZATION_BIT=4 in evaluate.sh and the demos)."
+        )
+
+
+def _initialized_with(checkpoint: str) -> str | None:
+    """How the adapter started, from the run.json glmtune writes beside it (PEFT's config says true for LoftQ: its
+    LoftQ on a quantized base replaces the weights after a plain start)."""
+    from glmtune.runs import IDENTITY_FILE
+
+    try:
+        with open(os.path.join(checkpoint, IDENTITY_FILE), encoding="utf-8") as f:
+            return json.load(f).get("trained_weights", {}).get("init_lora_weights")
+    except (OSError, ValueError, AttributeError):
+        return None  # an adapter from elsewhere, or a run from before the option
 
 
 def merge(args) -> str:

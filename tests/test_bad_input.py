@@ -23,6 +23,7 @@ def _conversation(*roles, key="conversations") -> dict:
 
 
 CONVERSATION = _conversation("user", "assistant")
+ADALORA = ["--lora_variant", "adalora", "--max_steps", 10]
 SMALL = ["--max_source_length", "16", "--max_target_length", "8", "--max_new_tokens", "4", "--report_to", "none"]
 
 
@@ -518,6 +519,153 @@ CASES = [
             [["--resume_from_checkpoint", str(p), "no trainer_state.json", "not a training checkpoint"]],
         ),
     ),
+    # ---- warm starts: a checkpoint's own config against the flags given
+    (
+        "lora_rank-contradicts-the-warm-start-checkpoint",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--lora_checkpoint", p := c.lora_checkpoint, "--lora_rank", 16),
+            [[f"--lora_rank 16 contradicts --lora_checkpoint {p}", "(r 4 in its adapter_config.json)"]],
+        ),
+    ),
+    (
+        "lora_target-contradicts-the-warm-start-checkpoint",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--lora_checkpoint", p := c.lora_checkpoint, "--lora_target", "q_proj"),
+            [[f"--lora_target q_proj contradicts --lora_checkpoint {p}", "targets down_proj,gate_up_proj,k_proj"]],
+        ),
+    ),
+    (
+        "pre_seq_len-contradicts-the-warm-start-checkpoint",
+        lambda c: (
+            c.train("ptuning", TOY_TRAIN, "--ptuning_checkpoint", p := c.ptuning_checkpoint, "--pre_seq_len", 8),
+            [[f"--pre_seq_len 8 contradicts --ptuning_checkpoint {p}", "(pre_seq_len 4 in its prefix_config.json)"]],
+        ),
+    ),
+    (
+        "init_lora_weights-with-a-warm-start",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--lora_checkpoint", c.lora_checkpoint, "--init_lora_weights", "gaussian"),
+            [["--init_lora_weights gaussian", "--lora_checkpoint's weights are the start"]],
+        ),
+    ),
+    (
+        "warm-start-of-an-adalora-adapter",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--lora_checkpoint", p := _as_adalora(c)),
+            [[f"--lora_checkpoint {p} is an AdaLoRA adapter", "cannot be trained further"]],
+        ),
+    ),
+    (
+        "lora-checkpoint-config-corrupt",
+        lambda c: (
+            c.predict("lora", TOY_DEV, checkpoint=(p := _corrupt(c, "lora", "adapter_config.json"))),
+            [["--lora_checkpoint", str(p / "adapter_config.json"), "corrupt"]],
+        ),
+    ),
+    (
+        "lora-checkpoint-that-is-a-prefix",
+        lambda c: (
+            c.predict("lora", TOY_DEV, checkpoint=(p := c.ptuning_checkpoint)),
+            [[f"--lora_checkpoint {p}: no adapter_config.json in it"]],
+        ),
+    ),
+    # ---- LoRA options (glmtune/settings.py)
+    (
+        "init_lora_weights-unknown",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--init_lora_weights", "xavier"),
+            [["--init_lora_weights must be one of true, gaussian, pissa, olora, loftq, got 'xavier'"]],
+        ),
+    ),
+    (
+        "lora_variant-unknown",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--lora_variant", "vera"),
+            [["--lora_variant must be one of lora, adalora, got 'vera'"]],
+        ),
+    ),
+    (
+        "use_dora-with-ptuning",
+        lambda c: (c.train("ptuning", TOY_TRAIN, "--use_dora"), [["--use_dora", "belong to LoRA"]]),
+    ),
+    (
+        "use_dora-with-adalora",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, *ADALORA, "--use_dora"),
+            [["--use_dora cannot be combined with --lora_variant adalora"]],
+        ),
+    ),
+    (
+        "loraplus-with-adalora",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, *ADALORA, "--loraplus_lr_ratio", 16),
+            [["--loraplus_lr_ratio cannot be combined with --lora_variant adalora"]],
+        ),
+    ),
+    (
+        "adalora-without-max_steps",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--lora_variant", "adalora", "--num_train_epochs", 1),
+            [["--lora_variant adalora needs --max_steps"]],
+        ),
+    ),
+    (
+        "adalora-schedule-without-steps-to-reallocate",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, *ADALORA, "--adalora_tfinal", 10),
+            [["--adalora_tinit 0 + --adalora_tfinal 10 leave no step of --max_steps 10"]],
+        ),
+    ),
+    (
+        "adalora_init_rank-below-lora_rank",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, *ADALORA, "--adalora_init_rank", 4),
+            [["--adalora_init_rank 4 must be at least --lora_rank 8"]],
+        ),
+    ),
+    (
+        "adalora-with-target_token_loss",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, *ADALORA, "--target_token_loss", "True"),
+            [["--target_token_loss cannot be combined with --lora_variant adalora", "orthogonality penalty"]],
+        ),
+    ),
+    (
+        "adalora-resumed",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, *ADALORA, "--resume_from_checkpoint", c.tmp),
+            [["--resume_from_checkpoint cannot continue an AdaLoRA run"]],
+        ),
+    ),
+    (
+        "adalora-flag-without-adalora",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--adalora_tinit", 3),
+            [["--adalora_tinit applies to --lora_variant adalora only"]],
+        ),
+    ),
+    (
+        "loftq-without-a-4-bit-base",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--init_lora_weights", "loftq"),
+            [["--init_lora_weights loftq", "add --quantization_bit 4"]],
+        ),
+    ),
+    (
+        "pissa-on-a-quantized-base",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--init_lora_weights", "pissa", "--quantization_bit", 4),
+            [["--init_lora_weights pissa", "4-bit base", "drop --quantization_bit"], ["--quantization_bit 4 needs"]],
+        ),
+        pytest.mark.skipif(torch.cuda.is_available(), reason="the second line is the CPU machine's"),
+    ),
+    (
+        "use_dora-with-pissa",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--use_dora", "--init_lora_weights", "olora"),
+            [["--use_dora cannot be combined with --init_lora_weights olora"]],
+        ),
+    ),
     # ---- numbers: every numeric flag is checked before anything is loaded or written
     *[
         (
@@ -548,6 +696,8 @@ CASES = [
             ("temperature", "0", "ptuning"),
             ("repetition_penalty", "-1", "lora"),
             ("lora_alpha", "0", "lora"),
+            ("loraplus_lr_ratio", "0", "lora"),
+            ("loraplus_lr_ratio", "-2", "lora"),
             ("lora_dropout", "1.0", "lora"),
             ("prefix_dropout", "-0.1", "ptuning"),
             ("pre_seq_len", "0", "ptuning"),
@@ -684,6 +834,15 @@ def _without_saved_modules(case):
     save_file({k: v for k, v in weights.items() if ".lora_" in k}, folder / "adapter_model.safetensors")
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": None}))
+    return folder
+
+
+def _as_adalora(case):
+    """The session's LoRA adapter with an AdaLoRA config (what PEFT writes for one: peft_type, init_r, target_r)."""
+    folder = case.copy(case.lora_checkpoint, "adalora-ckpt")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(peft_type="ADALORA", init_r=4, target_r=4, total_step=2)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
 
 

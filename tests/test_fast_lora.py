@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_loss import batch
 
 from glmtune.arguments import LoraArguments
@@ -107,3 +108,46 @@ def test_quantized_or_merged_layers_keep_peft_forward(model, tokenizer):
         fast.merge_adapter()  # merged: the base weights carry the update, PEFT's path is taken
         merged = fast(**inputs).logits
     torch.testing.assert_close(merged, before, atol=1e-5, rtol=1e-5)
+
+
+def test_rslora_scale_is_what_the_fast_path_adds(model, tokenizer):
+    """rsLoRA scales by alpha / sqrt(r) (4 here, not alpha / r = 2): the fast path reads PEFT's scale, so a layer
+    computes W x + b + 4 B A x, and the model PEFT's logits."""
+    peft_model = add_lora(
+        model, LoraArguments(lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_target="all", use_rslora=True)
+    )
+    torch.manual_seed(3)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    fast = copy.deepcopy(peft_model)
+    assert lora_in_base_dtype(fast) == 2 * 6
+    layer = fast.get_base_model().model.layers[0].self_attn.q_proj
+    x = torch.randn(3, layer.in_features)
+    base, lora_a, lora_b = layer.get_base_layer(), layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = F.linear(x, base.weight, base.bias) + 4.0 * (x @ lora_a.T @ lora_b.T)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-5)
+        inputs, _ = batch(tokenizer)
+        torch.testing.assert_close(fast(**inputs).logits, peft_model(**inputs).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "variant, kept",
+    [
+        ({"use_dora": True}, "PEFT's own forward kept for 12 DoraLinearVariant"),
+        ({"lora_variant": "adalora", "adalora_init_rank": 6}, "PEFT's own forward kept for 12 SVDLinear"),
+    ],
+)
+def test_dora_and_adalora_layers_keep_peft_forward_and_the_log_says_so(model, tokenizer, caplog, variant, kept):
+    """DoRA rescales the whole adapted weight and AdaLoRA's layers are in SVD form: neither is a sum of the base's
+    product and B A x, so the fast path leaves them to PEFT, in the log rather than silently."""
+    args = LoraArguments(lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_target="all", **variant)
+    peft_model = add_lora(model, args, total_steps=10)
+    fast = copy.deepcopy(peft_model)
+    caplog.set_level("INFO", logger="glmtune.speed.fast_lora")
+    assert lora_in_base_dtype(fast) == 0
+    assert kept in caplog.text
+    inputs, _ = batch(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(**inputs).logits, peft_model(**inputs).logits, atol=0, rtol=0)

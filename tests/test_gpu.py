@@ -110,3 +110,23 @@ def test_int8_base_trains_in_bf16_and_says_the_cast_once(tiny_model_dir, tmp_pat
     casts = [r for r in caplog.records if r.getMessage().startswith("MatMul8bitLt: inputs will be cast")]
     assert len(casts) <= 1
     assert (tmp_path / "out" / "generated_predictions.txt").is_file()
+
+
+@pytest.mark.parametrize("alpha", [4, 32])
+def test_loftq_start_makes_up_for_the_4_bit_error(tiny_model_dir, alpha):
+    """--init_lora_weights loftq (PEFT's replace_lora_weights_loftq, B divided by the LoRA scale alpha / r): each
+    4-bit weight plus the adapter's start is closer to the full-precision weight than the 4-bit weight alone, at any
+    alpha. PEFT fits B A to the error R itself: undivided, alpha 32 / r 4 would add 8 R_4 (error 7 R_4 + the rest)."""
+    import bitsandbytes as bnb
+
+    args = LoraArguments(lora_rank=4, lora_alpha=alpha, lora_dropout=0.0, lora_target="all", init_lora_weights="loftq")
+    model = add_lora(quantized(tiny_model_dir, 4), args)
+    full = load_base_model(ModelArguments(model_name_or_path=str(tiny_model_dir), torch_dtype="float32"))
+    for name, module in full.named_modules():
+        if name.endswith(("q_proj", "down_proj")):
+            layer = model.get_base_model().get_submodule(name)
+            weight = layer.get_base_layer().weight
+            quantized_weight = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float().cpu()
+            update = layer.scaling["default"] * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+            error = module.weight - quantized_weight
+            assert (error - update.float().cpu()).norm() < 0.99 * error.norm(), name

@@ -219,7 +219,7 @@ def test_a_16_bit_base_is_measured_on_the_gpu(tiny_model_dir, tmp_path):
                                  str(tiny_model_dir), "--output_dir", str(tmp_path / "out"), "--torch_dtype",
                                  "float32", "--max_train_samples", "16", "--max_memory_gib", "4"])  # fmt: skip
     tokenizer, prompt_format, datasets = prepare_data(config)
-    model = build_model(config)
+    model = build_model(config, len(tokenizer))
     assert model.device.type == "cpu"
     plan = speed.fit_memory(config, model, datasets["train"], training_collator(config, tokenizer))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -190,3 +190,20 @@ def test_ptuning_checkpoints_and_quantized_merges_are_refused(
         "--overwrite",
     )
     assert code == 2 and "would replace --model_name_or_path" in stderr
+
+
+def test_a_loftq_adapter_is_not_merged_into_the_full_precision_base(tiny_model_dir, lora_checkpoint, tmp_path, capsys):
+    """LoftQ's adapter corrects its 4-bit base (B A starts as W - Q(W)): added to W it would count the error twice.
+    PEFT's config does not say LoftQ (a plain start, then replaced); the run.json glmtune writes beside it does."""
+    import shutil
+
+    adapter = shutil.copytree(lora_checkpoint, tmp_path / "loftq")
+    identity = json.loads((adapter / "run.json").read_text())
+    identity["trained_weights"]["init_lora_weights"] = "loftq"
+    (adapter / "run.json").write_text(json.dumps(identity))
+    code, stderr = run_in_process(
+        capsys, "--model_name_or_path", tiny_model_dir, "--checkpoint", adapter, "--output", tmp_path / "out"
+    )
+    assert code == 2 and len(stderr.splitlines()) == 1
+    assert "trained with --init_lora_weights loftq" in stderr and "unmerged on the 4-bit base" in stderr
+    assert not (tmp_path / "out").exists()

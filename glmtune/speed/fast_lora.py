@@ -13,24 +13,43 @@ float32 base it is PEFT's computation, in bf16 it differs by bf16 rounding only.
 (bitsandbytes) the base output is in the compute dtype too, and the branch is added to it the same way.
 """
 
+import collections
+import logging
 import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+logger = logging.getLogger(__name__)
+
 
 def lora_in_base_dtype(model) -> int:
-    """Switch every PEFT LoRA layer of ``model`` on a plain or bitsandbytes linear base (not LoRA variants such
-    as DoRA, which keep PEFT's own forward); returns how many."""
-    switched = 0
+    """Switch every PEFT LoRA layer of ``model`` on a plain or bitsandbytes linear base; returns how many.
+
+    rsLoRA changes only the scale, which this path reads from PEFT (``scaling``). LoRA variants keep PEFT's own
+    forward, and the log says so: DoRA (its magnitude rescales the whole adapted weight, so the branch is not a
+    sum), AdaLoRA's SVD layers (a third matrix and a rank normalization), adapters on other layer types."""
+    switched, kept = 0, collections.Counter()
     lora_layers = _lora_layer_types()
     for module in model.modules():
+        if not hasattr(module, "lora_A"):
+            continue
         base = lora_layers.get(type(module))
         if base is not None and type(module.get_base_layer()) is base and not module.lora_variant:
             module.forward = types.MethodType(_forward_in_base_dtype, module)
             switched += 1
+        else:
+            kept[_kind(module)] += 1
+    if kept:
+        kinds = ", ".join(f"{count} {kind}" for kind, count in sorted(kept.items()))
+        logger.info("LoRA in the base dtype: %d layers; PEFT's own forward kept for %s", switched, kinds)
     return switched
+
+
+def _kind(module) -> str:
+    variants = getattr(module, "lora_variant", None)
+    return type(next(iter(variants.values()))).__name__ if variants else type(module).__name__
 
 
 def _lora_layer_types() -> dict:
