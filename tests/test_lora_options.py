@@ -32,7 +32,9 @@ PREDICT = ["--test_file", str(TOY_DEV), "--max_predict_samples", "4", "--max_new
 OPTIONS = {
     "dora": (["--use_dora"], {"use_dora": True, "r": RANK}),
     "rslora": (["--use_rslora"], {"use_rslora": True, "r": RANK}),
-    "gaussian": (["--init_lora_weights", "gaussian"], {"init_lora_weights": "gaussian"}),
+    # how A started does not change what the trained adapter is: saved as true, which every PEFT version loads
+    # (glmtune.adapter_config); run.json keeps the choice
+    "gaussian": (["--init_lora_weights", "gaussian"], {"init_lora_weights": True}),
     # converted on save: a plain LoRA of twice the rank (and alpha) on the original base
     "pissa": (["--init_lora_weights", "pissa"], {"init_lora_weights": True, "r": 2 * RANK, "lora_alpha": 16}),
     "olora": (["--init_lora_weights", "olora"], {"init_lora_weights": True, "r": 2 * RANK, "lora_alpha": 16}),
@@ -56,6 +58,9 @@ def test_option_trains_saves_reloads_predicts_and_merges(option, tiny_model_dir,
     config, model, _ = train("lora", tiny_model_dir, out, TOY_TRAIN, 4, *COMMON, *steps, *flags)
     saved = json.loads((out / "adapter_config.json").read_text())
     assert expected.items() <= saved.items(), {key: saved.get(key) for key in expected}
+    if "--init_lora_weights" in flags:
+        identity = json.loads((out / "run.json").read_text())["trained_weights"]
+        assert identity["init_lora_weights"] == flags[flags.index("--init_lora_weights") + 1]
 
     batch = data_batch(config)
     trained, base = logits_of(model, batch), logits_of(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch)
