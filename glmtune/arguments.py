@@ -27,7 +27,10 @@ class ModelArguments:
         default="auto",
         metadata={
             "help": "dtype of the frozen base: auto (bfloat16 on GPUs that support it, else float16; float32 "
-            "on CPU), bfloat16, float16 or float32. Trainable weights are always kept in float32."
+            "on CPU), bfloat16, float16 or float32. Trainable weights are always kept in float32. Full fine-tuning "
+            "(finetune/) trains the base itself: auto keeps it in float32 (bf16 mixed precision on GPUs; DeepSpeed "
+            "keeps its own float32 copy of a bf16 base); bfloat16 trains pure bf16 weights (less memory, small "
+            "updates are rounded away)."
         },
     )
     trust_remote_code: bool = field(
@@ -172,6 +175,18 @@ class LoraArguments:
 
 
 LORA_DEFAULTS = {"lora_rank": 8, "lora_alpha": 32.0, "lora_dropout": 0.1, "lora_target": "all"}
+
+
+@dataclass
+class FinetuneArguments:
+    trainable_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Full fine-tuning: train only the last N decoder layers, every other weight frozen (embeddings, "
+            "the earlier layers, the final norm and the output head): LLaMA-Factory's 'freeze' tuning. "
+            "Default: every weight of the base trains."
+        },
+    )
 
 
 @dataclass

@@ -59,6 +59,7 @@ RULES = {
     },
     "ptuning": {"pre_seq_len": positive_int, "prefix_hidden_size": positive_int, "prefix_dropout": below_one},
     "lora": {"lora_rank": positive_int, "lora_alpha": positive, "lora_dropout": below_one},
+    "finetune": {"trainable_layers": positive_int},
     "generation": {
         "max_new_tokens": positive_int, "num_beams": positive_int, "top_p": probability, "temperature": positive,
         "repetition_penalty": positive,

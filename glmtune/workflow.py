@@ -10,7 +10,7 @@ import logging
 from accelerate import PartialState
 from transformers import set_seed
 
-from glmtune import report, runs, speed
+from glmtune import finetune, report, runs, speed
 from glmtune.data import Collator, PaddingFreeCollator, load_split, tokenize
 from glmtune.lora import add_lora, check_targets_early
 from glmtune.metrics import ComputeMetrics
@@ -34,6 +34,8 @@ def run(config: RunConfig) -> dict:
     config.training.resume_from_checkpoint = runs.resume_checkpoint(config)  # this run's, with steps left
     if config.method == "lora" and config.training.do_train and not config.lora.lora_checkpoint:
         check_targets_early(config.model, config.lora.lora_target)
+    if config.method == "finetune" and config.training.do_train:
+        finetune.check_layers_early(config.model, config.finetune.trainable_layers)
     tokenizer, prompt_format, datasets = prepare_data(config)
     model = build_model(config)
     return run_tasks(config, model, tokenizer, prompt_format, datasets)
@@ -103,13 +105,17 @@ def _log_example(tokenizer, example: dict) -> None:
 
 
 def attach_method(config: RunConfig, model):
+    if config.method == "finetune" and not config.training.do_train:
+        return model  # a fully fine-tuned model is a model folder: --model_name_or_path names it
     if not config.training.do_train and not (config.ptuning.ptuning_checkpoint or config.lora.lora_checkpoint):
         logger.warning("No checkpoint given: evaluating the base model alone (the 'before' of a comparison)")
         return model
     if config.method == "ptuning":
         model = add_prefix_encoder(model, config.ptuning)
-    else:
+    elif config.method == "lora":
         model = add_lora(model, config.lora)
+    else:
+        model = finetune.add_full_finetuning(model, config.finetune)
     log_trainable(model)
     return model
 
