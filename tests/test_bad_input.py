@@ -347,6 +347,39 @@ CASES = [
         ),
     ),
     (
+        "pre_seq_len-with-finetune",
+        lambda c: (
+            c.train("finetune", TOY_TRAIN, "--pre_seq_len", 8),
+            [["--pre_seq_len", "P-Tuning v2", "finetune/main.py trains every weight of the base"]],
+        ),
+    ),
+    (
+        "lora_rank-with-finetune",
+        lambda c: (c.train("finetune", TOY_TRAIN, "--lora_rank", 4), [["--lora_rank", "LoRA"]]),
+    ),
+    (
+        "trainable_layers-with-lora",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--trainable_layers", 1),
+            [["--trainable_layers", "full fine-tuning", "run finetune/main.py"]],
+        ),
+    ),
+    (
+        "trainable_layers-beyond-the-model",
+        lambda c: (
+            c.train("finetune", TOY_TRAIN, "--trainable_layers", 3),
+            [["--trainable_layers 3", "the model has 2 decoder layers", "give 1 to 2"]],
+        ),
+    ),
+    (
+        "quantized-base-with-finetune",
+        lambda c: (
+            c.train("finetune", TOY_TRAIN, "--quantization_bit", 4),
+            [["--quantization_bit 4", "full fine-tuning", "cannot be trained", "lora/train.sh"]]
+            + ([] if torch.cuda.is_available() else [["--quantization_bit 4 needs a CUDA GPU"]]),
+        ),
+    ),
+    (
         "quantization_bit-3",
         lambda c: (c.train("lora", TOY_TRAIN, "--quantization_bit", 3), [["--quantization_bit must be 4 or 8, got 3"]]),
     ),
@@ -491,6 +524,7 @@ CASES = [
             ("lora_dropout", "1.0", "lora"),
             ("prefix_dropout", "-0.1", "ptuning"),
             ("pre_seq_len", "0", "ptuning"),
+            ("trainable_layers", "0", "finetune"),
             ("max_train_samples", "0", "lora"),
             ("preprocessing_num_workers", "0", "ptuning"),
         ]
