@@ -293,5 +293,5 @@ def test_deepspeed_configs_leave_sizes_to_the_trainer(name, stage, offload):
     ):
         assert config[key] == "auto", key
     assert config["bf16"]["enabled"] == config["fp16"]["enabled"] == "auto"
-    if stage == 3:  # LoRA adapters are gathered into a normal PEFT folder at each save
+    if stage == 3:  # gathered at each save: LoRA into a PEFT folder, full fine-tuning into one model folder
         assert zero["stage3_gather_16bit_weights_on_model_save"] is True
