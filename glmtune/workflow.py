@@ -121,9 +121,14 @@ def attach_method(config: RunConfig, model):
 
 
 def log_trainable(model) -> None:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(_size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_size(p) for p in model.parameters())
     logger.info("Trainable parameters: %s of %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+
+def _size(parameter) -> int:
+    """Elements of a parameter; ZeRO-3 partitions a base as it loads, leaving numel() 0 and the size in ds_numel."""
+    return getattr(parameter, "ds_numel", parameter.numel())
 
 
 def training_collator(config: RunConfig, tokenizer):
