@@ -49,6 +49,7 @@ GIB = 2**30
 class Row:
     deepspeed: str
     optim: str
+    dtype: str  # the trained weights' (--torch_dtype, as glmtune resolved it)
     parameters_b: float
     layers: int
     batch: str  # micro-batch x accumulation
@@ -96,6 +97,7 @@ def parse_cli():
         "--deepspeed", default="scripts/deepspeed/zero3_offload.json", help="a DeepSpeed config, or none"
     )
     parser.add_argument("--optim", default="adamw_torch", help="transformers' --optim (paged_adamw_8bit: 8-bit)")
+    parser.add_argument("--torch_dtype", default="auto", help="glmtune's --torch_dtype (bfloat16: pure bf16 weights)")
     parser.add_argument("--batch", type=int, default=4, help="micro-batch (per_device_train_batch_size)")
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1, help="optimizer steps before the timed ones")
@@ -130,7 +132,7 @@ def finetune_argv(args, folder: str) -> list:
         "--prompt_column", "content", "--response_column", "summary",
         "--max_source_length", "64", "--max_target_length", "64", "--learning_rate", "1e-4",
         "--per_device_train_batch_size", str(args.batch), "--gradient_accumulation_steps", str(args.accumulation),
-        "--gradient_checkpointing", "--optim", args.optim,
+        "--gradient_checkpointing", "--optim", args.optim, "--torch_dtype", args.torch_dtype,
         "--max_steps", str(steps), "--logging_steps", str(steps), "--save_strategy", "no",
         "--max_train_samples", str(steps * args.batch * args.accumulation),
         "--output_dir", args.scratch, "--overwrite_output_dir", "--report_to", "none", "--disable_tqdm", "True",
@@ -160,6 +162,7 @@ def run(args, folder: str) -> Row:
     row = Row(
         deepspeed=os.path.basename(args.deepspeed),
         optim=args.optim,
+        dtype=config.model.torch_dtype,
         parameters_b=round(parameters / 1e9, 4),
         layers=config_layers(folder),
         batch=f"{args.batch} x {args.accumulation}",
@@ -208,17 +211,16 @@ def read_rows(path: str) -> list:
 
 def print_table(rows: list) -> None:
     print(
-        "\n| DeepSpeed config | optimizer | parameters (B) | layers | micro-batch x accumulation | samples/s "
+        "\n| DeepSpeed config | optimizer | weights | parameters (B) | layers | micro-batch x accumulation | samples/s "
         "| peak GPU GiB (reserved) | peak host RSS GiB | loss | save s | saved parameters (B) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gpu = f"{r['peak_gpu_gib']:.2f} ({r['peak_gpu_reserved_gib']:.2f})" if r["peak_gpu_gib"] is not None else ""
-        saved = "|" if r["save_s"] is None else f"{r['save_s']:.1f} | {r['saved_parameters_b']:.3g}"
-        print(
-            f"| {r['deepspeed']} | {r['optim']} | {r['parameters_b']:.3g} | {r['layers']} | {r['batch']} "
-            f"| {r['samples_per_s']:.2f} | {gpu} | {r['peak_host_gib']:.1f} | {r['loss']:.4f} | {saved} |"
-        )
+        saved = ["", ""] if r["save_s"] is None else [f"{r['save_s']:.1f}", f"{r['saved_parameters_b']:.3g}"]
+        cells = [r["deepspeed"], r["optim"], r["dtype"], f"{r['parameters_b']:.3g}", r["layers"], r["batch"]]
+        cells += [f"{r['samples_per_s']:.2f}", gpu, f"{r['peak_host_gib']:.1f}", f"{r['loss']:.4f}", *saved]
+        print("| " + " | ".join(map(str, cells)) + " |")
 
 
 if __name__ == "__main__":

@@ -234,3 +234,18 @@ def _golden_inputs(version: str) -> dict:
 
 def _json(path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_the_trainable_share_counts_zero3_partitioned_weights(caplog):
+    """Under ZeRO-3 a base loads partitioned: each parameter's numel() is 0 and DeepSpeed puts its size in ds_numel
+    (the attribute deepspeed.zero.Init sets); logging the share of a fully trained model divided by zero."""
+    from glmtune.workflow import log_trainable
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    sizes = [p.numel() for p in model.parameters()]
+    for parameter in model.parameters():
+        parameter.ds_numel, parameter.data = parameter.numel(), torch.empty(0)
+    model[1].requires_grad_(False)
+    caplog.set_level("INFO", logger="glmtune.workflow")
+    log_trainable(model)
+    assert f"Trainable parameters: {sum(sizes[:2])} of {sum(sizes)} " in caplog.text
