@@ -188,13 +188,26 @@ def _method_problems(config: RunConfig) -> list[str]:
     if config.method == "ptuning" and training.do_train:
         if config.ptuning.pre_seq_len is None and not config.ptuning.ptuning_checkpoint:
             problems.append("--pre_seq_len is required to train P-Tuning v2 (the ChatGLM scripts use 128)")
-    if config.method == "finetune" and training.do_train and config.model.quantization_bit:
-        problems.append(
+    if config.method == "finetune" and training.do_train:
+        problems += _full_finetuning_dtype_problems(config)
+    return problems
+
+
+def _full_finetuning_dtype_problems(config: RunConfig) -> list[str]:
+    """Weights full fine-tuning cannot train well: 4/8-bit ones not at all; float16 ones (no DeepSpeed, which keeps
+    its own float32 copy) overflow and round small updates away."""
+    if config.model.quantization_bit:
+        return [
             f"--quantization_bit {config.model.quantization_bit}: full fine-tuning trains every weight of the base, "
             "and 4/8-bit weights cannot be trained: remove the flag (DeepSpeed with CPU offload or --optim "
             "paged_adamw_8bit make a large model fit), or train LoRA adapters on the quantized base (lora/train.sh)"
-        )
-    return problems
+        ]
+    if config.model.torch_dtype == "float16" and not config.training.deepspeed:
+        return [
+            "--torch_dtype float16: full fine-tuning would update float16 weights directly, which overflow and lose "
+            "small updates: leave it out (float32 weights; --fp16 computes in float16) or use bfloat16"
+        ]
+    return []
 
 
 METHOD_NAMES = {"ptuning": "P-Tuning v2", "lora": "LoRA", "finetune": "full fine-tuning"}

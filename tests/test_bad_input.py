@@ -411,6 +411,13 @@ CASES = [
         needs_deepspeed,
     ),
     (
+        "float16-weights-with-finetune",
+        lambda c: (
+            c.train("finetune", TOY_TRAIN, "--torch_dtype", "float16"),
+            [["--torch_dtype float16", "full fine-tuning", "--fp16 computes in float16"]],
+        ),
+    ),
+    (
         "quantization_bit-3",
         lambda c: (c.train("lora", TOY_TRAIN, "--quantization_bit", 3), [["--quantization_bit must be 4 or 8, got 3"]]),
     ),
