@@ -84,6 +84,7 @@ def test_core_modules_import_neither_the_fast_path_nor_the_use_side():
         "glmtune.model",
         "glmtune.ptuning",
         "glmtune.lora",
+        "glmtune.finetune",
         "glmtune.trainer",
         "glmtune.metrics",
         "glmtune.errors",
