@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import resource
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -112,14 +113,17 @@ def parse_cli():
 
 
 def build_folder(args) -> str:
-    import benchmark_recipe  # beside this script
-
+    """The model folder, built on first use in a process of its own: building holds the whole model on the GPU and,
+    while saving, in host memory, which is not what the run's peaks are to measure."""
     tokenizer_dir = os.path.join(args.shared, "tokenizers", "chatglm3-6b")
     if not os.path.isdir(tokenizer_dir):
         sys.exit(f"error: {tokenizer_dir} is missing: --shared names the folder with the chatglm3 tokenizer")
-    benchmark_recipe.ensure_chatglm3_folder(args.model, tokenizer_dir, args.tiny, args.num_layers)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # building it held the weights on the GPU: none of that is the run's
+    if args.build_only:
+        import benchmark_recipe  # beside this script
+
+        benchmark_recipe.ensure_chatglm3_folder(args.model, tokenizer_dir, args.tiny, args.num_layers)
+    elif not os.path.isfile(os.path.join(args.model, "config.json")):
+        subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--build_only"], check=True)
     return args.model
 
 
