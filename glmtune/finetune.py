@@ -9,7 +9,7 @@
   ``generation_config.json`` and the tokenizer files. ``AutoModelForCausalLM.from_pretrained`` loads it, and every
   glmtune tool takes it as ``--model_name_or_path``. A ChatGLM base keeps THUDM's format (the original config.json
   fields and state-dict keys, which glmtune's ChatGLM classes read), and the base folder's own code files and
-  ``auto_map`` entries are carried over, so that THUDM's code (``trust_remote_code``) loads it too.
+  ``auto_map`` entries are carried over, so that THUDM's code (``trust_remote_code``) finds them as in the base.
 * **Precision**: without DeepSpeed the trained weights stay float32 (the saved folder too, so that a resumed run
   continues from exactly the weights it stopped at) and ``--bf16`` computes in bf16 (on by default on GPUs that
   have it: glmtune.parsing); under DeepSpeed the engine keeps float32 master weights and the folder holds its
