@@ -27,7 +27,10 @@ class ModelArguments:
         default="auto",
         metadata={
             "help": "dtype of the frozen base: auto (bfloat16 on GPUs that support it, else float16; float32 "
-            "on CPU), bfloat16, float16 or float32. Trainable weights are always kept in float32."
+            "on CPU), bfloat16, float16 or float32. Trainable weights are always kept in float32. Full fine-tuning "
+            "(finetune/) trains the base itself: auto keeps it in float32 (bf16 mixed precision on GPUs; DeepSpeed "
+            "keeps its own float32 copy of a bf16 base); bfloat16 trains pure bf16 weights (less memory, small "
+            "updates are rounded away)."
         },
     )
     trust_remote_code: bool = field(
@@ -249,6 +252,18 @@ LORA_DEFAULTS = {
 }
 LORA_VARIANTS = ("lora", "adalora")  # --lora_variant
 LORA_INITS = ("true", "gaussian", "pissa", "olora", "loftq")  # --init_lora_weights
+
+
+@dataclass
+class FinetuneArguments:
+    trainable_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Full fine-tuning: train only the last N decoder layers, every other weight frozen (embeddings, "
+            "the earlier layers, the final norm and the output head): LLaMA-Factory's 'freeze' tuning. "
+            "Default: every weight of the base trains."
+        },
+    )
 
 
 @dataclass

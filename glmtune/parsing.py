@@ -18,6 +18,7 @@ from glmtune.arguments import (
     DTYPES,
     PREDICTION_FIELDS,
     DataArguments,
+    FinetuneArguments,
     GenerationArguments,
     LoraArguments,
     ModelArguments,
@@ -28,13 +29,14 @@ from glmtune.errors import ArgumentsError
 from glmtune.prompt import TEMPLATES
 from glmtune.runs import previous_run_problems
 
-METHODS = ("ptuning", "lora")
+METHODS = ("ptuning", "lora", "finetune")
 DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".tsv")
 ARGUMENT_CLASSES = (
     ModelArguments,
     DataArguments,
     PtuningArguments,
     LoraArguments,
+    FinetuneArguments,
     GenerationArguments,
     RunArguments,
     Seq2SeqTrainingArguments,
@@ -48,6 +50,7 @@ class RunConfig:
     data: DataArguments
     ptuning: PtuningArguments
     lora: LoraArguments
+    finetune: FinetuneArguments
     generation: GenerationArguments
     run: RunArguments
     training: Seq2SeqTrainingArguments
@@ -81,12 +84,12 @@ def parse_args(method: str, args=None) -> RunConfig:
 def _parse(method: str, parser, args) -> RunConfig:
     try:
         if isinstance(args, dict):
-            parsed = parser.parse_dict(_on_cpu_without_gpu(args))
+            parsed = parser.parse_dict(_prepared(method, args))
         elif len(args) == 1 and args[0].endswith(".json"):
             with open(os.path.abspath(args[0]), encoding="utf-8") as f:
-                parsed = parser.parse_dict(_on_cpu_without_gpu(json.load(f)))
+                parsed = parser.parse_dict(_prepared(method, json.load(f)))
         else:
-            parsed = parser.parse_args_into_dataclasses(_on_cpu_without_gpu(list(args)))
+            parsed = parser.parse_args_into_dataclasses(_prepared(method, list(args)))
     except ValueError as error:  # TrainingArguments' own checks, unknown keys in a dict/json
         raise ArgumentsError([_unknown_flags(error)]) from None
     except FileNotFoundError:
@@ -113,7 +116,7 @@ def _given_flags(args) -> frozenset:
     if len(args) == 1 and args[0].endswith(".json"):
         with open(os.path.abspath(args[0]), encoding="utf-8") as f:
             return frozenset(json.load(f))
-    return frozenset(arg[2:].split("=", 1)[0].replace("-", "_") for arg in args if arg.startswith("--"))
+    return frozenset(_flag_names(args))
 
 
 def check_args(config: RunConfig) -> None:
@@ -125,6 +128,7 @@ def check_args(config: RunConfig) -> None:
         + _report_to_problems(config)
         + _path_problems(config)
         + _distributed_problems(config)
+        + _optimizer_problems(config.training)
     )
     if problems:
         raise ArgumentsError(problems)
@@ -132,7 +136,15 @@ def check_args(config: RunConfig) -> None:
 
 def _type_problems(config: RunConfig) -> list[str]:
     problems = []
-    for group in (config.model, config.data, config.ptuning, config.lora, config.generation, config.run):
+    for group in (
+        config.model,
+        config.data,
+        config.ptuning,
+        config.lora,
+        config.finetune,
+        config.generation,
+        config.run,
+    ):
         hints = typing.get_type_hints(type(group))
         for field in fields(group):
             expected = [t for t in typing.get_args(hints[field.name]) or (hints[field.name],) if t is not type(None)]
@@ -158,33 +170,62 @@ def _explicit(dataclass_obj, names) -> list[str]:
 
 
 def _method_problems(config: RunConfig) -> list[str]:
-    problems = []
-    ptuning_flags = _explicit(
-        config.ptuning, ["pre_seq_len", "prefix_projection", "prefix_hidden_size", "ptuning_checkpoint"]
-    )
-    lora_flags = _explicit(config.lora, [f.name for f in fields(LoraArguments)])
-    if config.method == "lora" and ptuning_flags:
-        problems.append(
-            f"{_flags(ptuning_flags)} belong to P-Tuning v2, but lora/main.py trains LoRA adapters: "
-            "remove them, or run ptuning/main.py"
-        )
-    if config.method == "ptuning":
-        if lora_flags:
-            problems.append(
-                f"{_flags(lora_flags)} belong to LoRA, but ptuning/main.py trains a P-Tuning v2 prefix: "
-                "remove them, or run lora/main.py"
-            )
-        if config.training.do_train and config.ptuning.pre_seq_len is None and not config.ptuning.ptuning_checkpoint:
+    """Each method's own flags only on its own entry point, and what each method needs."""
+    given = {
+        "ptuning": _explicit(
+            config.ptuning, ["pre_seq_len", "prefix_projection", "prefix_hidden_size", "ptuning_checkpoint"]
+        ),
+        "lora": _explicit(config.lora, [f.name for f in fields(LoraArguments)]),
+        "finetune": _explicit(config.finetune, [f.name for f in fields(FinetuneArguments)]),
+    }
+    trains = f"{config.method}/main.py {METHOD_TRAINS[config.method]}"
+    problems = [
+        f"{_flags(flags)} belong to {METHOD_NAMES[method]}, but {trains}: remove them, or run {method}/main.py"
+        for method, flags in given.items()
+        if flags and method != config.method
+    ]
+    training = config.training
+    if config.method == "ptuning" and training.do_train:
+        if config.ptuning.pre_seq_len is None and not config.ptuning.ptuning_checkpoint:
             problems.append("--pre_seq_len is required to train P-Tuning v2 (the ChatGLM scripts use 128)")
+    if config.method == "finetune" and training.do_train:
+        problems += _full_finetuning_dtype_problems(config)
     return problems
 
 
 def _settings_problems(config: RunConfig) -> list[str]:
     """A checkpoint's own config against the flags given; LoRA options that cannot run together."""
+    if config.method == "finetune":
+        return []
     if config.method == "ptuning":
         return settings.prefix_settings(config)[1]
     lora_settings, problems = settings.lora_settings(config.lora, config.given)
     return problems + settings.lora_problems(lora_settings, config)
+
+
+def _full_finetuning_dtype_problems(config: RunConfig) -> list[str]:
+    """Weights full fine-tuning cannot train well: 4/8-bit ones not at all; float16 ones (no DeepSpeed, which keeps
+    its own float32 copy) overflow and round small updates away."""
+    if config.model.quantization_bit:
+        return [
+            f"--quantization_bit {config.model.quantization_bit}: full fine-tuning trains every weight of the base, "
+            "and 4/8-bit weights cannot be trained: remove the flag (DeepSpeed with CPU offload or --optim "
+            "paged_adamw_8bit make a large model fit), or train LoRA adapters on the quantized base (lora/train.sh)"
+        ]
+    if config.model.torch_dtype == "float16" and not config.training.deepspeed:
+        return [
+            "--torch_dtype float16: full fine-tuning would update float16 weights directly, which overflow and lose "
+            "small updates: leave it out (float32 weights; --fp16 computes in float16) or use bfloat16"
+        ]
+    return []
+
+
+METHOD_NAMES = {"ptuning": "P-Tuning v2", "lora": "LoRA", "finetune": "full fine-tuning"}
+METHOD_TRAINS = {
+    "ptuning": "trains a P-Tuning v2 prefix",
+    "lora": "trains LoRA adapters",
+    "finetune": "trains every weight of the base",
+}
 
 
 def _flags(names) -> str:
@@ -372,6 +413,30 @@ def _resume_problems(config: RunConfig) -> list[str]:
     return []
 
 
+def _prepared(method: str, args):
+    """argv (or a dict) with the flags the Trainer must see while TrainingArguments are built."""
+    return _bf16_for_full_finetuning(method, _on_cpu_without_gpu(args))
+
+
+def _bf16_for_full_finetuning(method: str, args):
+    """Full fine-tuning on a GPU with bf16: ``--bf16`` (mixed precision) unless --bf16, --fp16 or --use_cpu is given.
+
+    Why: its trained weights stay float32, where small updates are not rounded away, and the compute runs in bf16,
+    as the ancestors' full fine-tuning ran with --fp16; DeepSpeed takes its "auto" bf16 from the flag. Like
+    --use_cpu, it goes into the arguments: TrainingArguments settle mixed precision while they are built."""
+    if method != "finetune" or not (_cuda_available() and _bf16_supported()):
+        return args
+    if {"bf16", "fp16", "use_cpu"} & _flag_names(args):
+        return args
+    return {"bf16": True, **args} if isinstance(args, dict) else ["--bf16", *args]
+
+
+def _flag_names(args) -> set:
+    if isinstance(args, dict):
+        return set(args)
+    return {arg[2:].split("=", 1)[0].replace("-", "_") for arg in args if arg.startswith("--")}
+
+
 def _on_cpu_without_gpu(args):
     """No CUDA here: the run's processes are CPU processes (``--use_cpu``; torchrun's are joined over gloo),
     unless the arguments say otherwise.
@@ -392,7 +457,7 @@ def zero_stage(training) -> int | None:
     """The DeepSpeed ZeRO stage of --deepspeed (None without DeepSpeed)."""
     if not training.deepspeed:
         return None
-    return training.hf_deepspeed_config.config.get("zero_optimization", {}).get("stage", 0)
+    return _zero_config(training).get("stage", 0)
 
 
 def _distributed_problems(config: RunConfig) -> list[str]:
@@ -409,6 +474,8 @@ def _distributed_problems(config: RunConfig) -> list[str]:
     stage, bits = zero_stage(training), config.model.quantization_bit
     if stage is None:
         return problems
+    if config.method == "finetune" and training.do_train:
+        problems += _full_finetuning_deepspeed_problems(training)
     if not _cuda_available():
         return problems + [
             f"--deepspeed {_name(training.deepspeed)} needs CUDA GPUs, and none is visible here: drop it "
@@ -431,6 +498,38 @@ def _distributed_problems(config: RunConfig) -> list[str]:
     return problems
 
 
+def _optimizer_problems(training) -> list[str]:
+    """bitsandbytes' 8-bit optimizers (--optim adamw_8bit, paged_adamw_8bit, ...): installed, and on the GPU."""
+    optim = str(getattr(training.optim, "value", training.optim))
+    if "8bit" not in optim:
+        return []
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return [f"--optim {optim} needs bitsandbytes: pip install -r requirements-gpu.txt"]
+    if zero_stage(training) is not None and "offload_optimizer" in _zero_config(training):
+        return [
+            f"--optim {optim} keeps the optimizer state in 8 bits on the GPU, and --deepspeed "
+            f"{_name(training.deepspeed)} moves the optimizer to the CPU (offload_optimizer): use one of them"
+        ]
+    return []
+
+
+def _full_finetuning_deepspeed_problems(training) -> list[str]:
+    """A full model is saved from ZeRO-3 only if its shards are gathered into one state dict at each save."""
+    if zero_stage(training) != 3 or _zero_config(training).get("stage3_gather_16bit_weights_on_model_save"):
+        return []
+    return [
+        f"--deepspeed {_name(training.deepspeed)}: full fine-tuning saves the whole model, and this ZeRO-3 config "
+        'keeps it in shards: set "stage3_gather_16bit_weights_on_model_save": true in its zero_optimization '
+        "(as scripts/deepspeed/zero3*.json do)"
+    ]
+
+
+def _zero_config(training) -> dict:
+    return training.hf_deepspeed_config.config.get("zero_optimization", {})
+
+
 def _name(deepspeed) -> str:
     return deepspeed if isinstance(deepspeed, str) else "<dict>"
 
@@ -441,8 +540,16 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported()
+
+
 def _fill_defaults(config: RunConfig) -> None:
     data, training = config.data, config.training
+    if config.method == "finetune":
+        _full_finetuning_defaults(config)
     if data.val_max_target_length is None:
         data.val_max_target_length = data.max_target_length
     _fill_method_settings(config)
@@ -474,6 +581,8 @@ def _fill_defaults(config: RunConfig) -> None:
 
 def _fill_method_settings(config: RunConfig) -> None:
     """The trained weights' settings: the flags given, else the checkpoint's, else the defaults (glmtune.settings)."""
+    if config.method == "finetune":
+        return
     if config.method == "ptuning":
         for name, value in settings.prefix_settings(config)[0].items():
             setattr(config.ptuning, name, value)
@@ -482,3 +591,18 @@ def _fill_method_settings(config: RunConfig) -> None:
         setattr(config.lora, name, value)
     if config.lora.lora_variant == "adalora":  # its orthogonality penalty comes with PEFT's loss from labels
         config.run.target_token_loss = False
+
+
+def _full_finetuning_defaults(config: RunConfig) -> None:
+    """Full fine-tuning trains the base itself (glmtune.finetune)."""
+    training, run = config.training, config.run
+    if training.do_train and config.model.torch_dtype == "auto" and not training.deepspeed:
+        # The trained weights stay float32, as every method's trainable weights do (--bf16 computes in bf16);
+        # DeepSpeed keeps its own float32 copy and loads the 16-bit base.
+        config.model.torch_dtype = "float32"
+    # The fast path and the memory plan were measured on frozen bases only (docs/benchmarks.md): opt in by flag.
+    for name in ("compile_layers", "padding_free"):
+        if getattr(run, name) is None:
+            setattr(run, name, False)
+    if "fit_memory" not in config.given:
+        run.fit_memory = False

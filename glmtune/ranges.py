@@ -62,6 +62,7 @@ RULES = {
         "lora_rank": positive_int, "lora_alpha": positive, "lora_dropout": below_one, "loraplus_lr_ratio": positive,
         "adalora_init_rank": positive_int, "adalora_tinit": non_negative_int, "adalora_tfinal": non_negative_int,
     },
+    "finetune": {"trainable_layers": positive_int},
     "generation": {
         "max_new_tokens": positive_int, "num_beams": positive_int, "top_p": probability, "temperature": positive,
         "repetition_penalty": positive,

@@ -80,7 +80,7 @@ def training_summary(config) -> str:
     out = _shown(config.training.output_dir)
     runs = os.path.join(out, "runs")
     rows = [
-        ("final weights", os.path.join(out, (ptuning if config.method == "ptuning" else lora).WEIGHTS_FILE)),
+        ("final weights", _final_weights(out, config.method)),
         ("checkpoints", _checkpoints(out)),
         ("results", os.path.join(out, "train_results.json")),
         ("logs", f"{runs}  (tensorboard --logdir {shlex.quote(runs)})" if os.path.isdir(runs) else None),
@@ -91,6 +91,12 @@ def training_summary(config) -> str:
     lines += ["Evaluate it (COMPARE_BASE=1 also scores the untuned base, side by side):"]
     lines += [f"  {evaluate_command(config)}"]
     return "\n".join(lines)
+
+
+def _final_weights(out: str, method: str) -> str:
+    if method == "finetune":
+        return f"{out}  (a model folder: use it as MODEL / --model_name_or_path)"
+    return os.path.join(out, (ptuning if method == "ptuning" else lora).WEIGHTS_FILE)
 
 
 def _checkpoints(out: str) -> str | None:

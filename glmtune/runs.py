@@ -44,11 +44,13 @@ def identity(config) -> dict:
     training = config.training
     if config.method == "ptuning":
         shape = {k: getattr(config.ptuning, k) for k in ("pre_seq_len", "prefix_projection", "prefix_hidden_size")}
-    else:
+    elif config.method == "lora":
         shape = {"lora_rank": config.lora.lora_rank, "lora_target": config.lora.lora_target}
         if config.lora.modules_to_save:  # only when given: runs from before the flag keep their identity
             shape["modules_to_save"] = config.lora.modules_to_save
         shape.update({k: getattr(config.lora, k) for k, v in LORA_OPTIONS.items() if getattr(config.lora, k) != v})
+    else:
+        shape = {"trainable_layers": config.finetune.trainable_layers or "all"}
     return {
         "method": config.method,
         "base": _config_digest(config.model.model_name_or_path),
@@ -97,7 +99,7 @@ def resume_checkpoint(config) -> str | None:
 def _check_same_run(config, checkpoint: str, flag: str) -> None:
     path = os.path.join(checkpoint, IDENTITY_FILE)
     if not os.path.isfile(path):  # written by glmtune before run.json existed: the method is in its files
-        theirs = "ptuning" if os.path.isfile(os.path.join(checkpoint, "prefix_config.json")) else "lora"
+        theirs = _method_of(checkpoint)
         if theirs != config.method:
             raise GlmtuneError(f"{flag} belongs to another run: method {theirs} there, {config.method} here")
         return
@@ -112,6 +114,13 @@ def _check_same_run(config, checkpoint: str, flag: str) -> None:
             f"{flag} belongs to another run ({'; '.join(differences)}): resume with the same settings, or start a "
             "new run in a new --output_dir"
         )
+
+
+def _method_of(checkpoint: str) -> str:
+    has = lambda name: os.path.isfile(os.path.join(checkpoint, name))  # noqa: E731
+    if has("prefix_config.json"):
+        return "ptuning"
+    return "lora" if has("adapter_config.json") else "finetune"
 
 
 def _short(value) -> str:

@@ -6,7 +6,8 @@ Checkpoints (``checkpoint-N/`` and the final output folder):
 * LoRA: PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` (``PeftModel.from_pretrained`` loads it;
   the config rewritten so that PEFT 0.6 and later all load it: :mod:`glmtune.adapter_config`; a PiSSA/OLoRA
   run's final adapter converted to a plain LoRA, :func:`glmtune.lora.save_adapter`);
-* both: tokenizer files, ``training_args.bin``, and in step checkpoints the optimizer, scheduler, RNG and
+* full fine-tuning: a complete model folder, sharded safetensors + config (:func:`glmtune.finetune.save_model_folder`);
+* all: tokenizer files, ``training_args.bin``, and in step checkpoints the optimizer, scheduler, RNG and
   ``trainer_state.json`` that ``--resume_from_checkpoint`` needs.
 
 Private Trainer methods overridden here, each for the reason on its line; tests/test_trainer_hooks.py fails
@@ -31,7 +32,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from glmtune import adapter_config, lora, ptuning, runs, vocabulary
+from glmtune import adapter_config, finetune, lora, ptuning, runs, vocabulary
 from glmtune.generation import blank_stop_tokens
 from glmtune.metrics import decode_texts
 
@@ -90,7 +91,8 @@ class GlmtuneTrainer(Seq2SeqTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """P-Tuning v2: only the prefix encoder (Trainer would save the whole base); LoRA: Trainer's own save,
-        which for a PEFT model writes the adapter only. Both: the run's identity beside the weights."""
+        which for a PEFT model writes the adapter only; full fine-tuning: the whole model, in shards. All: the
+        run's identity beside the weights."""
         output_dir = output_dir or self.args.output_dir
         self._save_trained_weights(output_dir, _internal_call)
         if self.run_identity is not None and self.args.should_save:
@@ -98,6 +100,8 @@ class GlmtuneTrainer(Seq2SeqTrainer):
 
     def _save_trained_weights(self, output_dir: str, _internal_call: bool) -> None:
         model = self.accelerator.unwrap_model(self.model)
+        if finetune.is_fully_finetuned(model):
+            return self._save_full_model(model, output_dir)
         if ptuning.is_prefix_tuned(model):
             with _gathered(model.prefix_encoder, self.is_deepspeed_enabled):
                 if self.args.should_save:
@@ -119,6 +123,15 @@ class GlmtuneTrainer(Seq2SeqTrainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _save_full_model(self, model, output_dir: str) -> None:
+        """Trainer's save writes one file of up to 50 GB; this one shards it (glmtune.finetune.MAX_SHARD_SIZE).
+        Under DeepSpeed the engine's weights: ZeRO-3 gathers them from every process into the main one's 16-bit
+        copy (stage3_gather_16bit_weights_on_model_save, which glmtune.parsing requires), so every rank calls this."""
+        state_dict = self.accelerator.get_state_dict(self.deepspeed if self.is_deepspeed_enabled else self.model)
+        if self.args.should_save:
+            finetune.save_model_folder(model, output_dir, state_dict, self.processing_class)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _save_checkpoint(self, model, trial) -> None:
         # Why: a run killed mid-save left a partial checkpoint-N, and --resume_from_checkpoint last

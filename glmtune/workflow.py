@@ -10,7 +10,7 @@ import logging
 from accelerate import PartialState
 from transformers import set_seed
 
-from glmtune import lora, report, runs, settings, speed, vocabulary
+from glmtune import finetune, lora, report, runs, settings, speed, vocabulary
 from glmtune.data import Collator, PaddingFreeCollator, load_split, tokenize
 from glmtune.metrics import ComputeMetrics
 from glmtune.model import empty_model, load_base_model, load_tokenizer
@@ -34,6 +34,8 @@ def run(config: RunConfig, callbacks=()) -> dict:
     if config.method == "lora":
         settle_lora_targets(config)
     config.training.resume_from_checkpoint = runs.resume_checkpoint(config)  # this run's, with steps left
+    if config.method == "finetune" and config.training.do_train:
+        finetune.check_layers_early(config.model, config.finetune.trainable_layers)
     tokenizer, prompt_format, datasets = prepare_data(config)
     model = build_model(config, len(tokenizer))
     return run_tasks(config, model, tokenizer, prompt_format, datasets, callbacks)
@@ -120,6 +122,8 @@ def _log_example(tokenizer, example: dict) -> None:
 def check_embeddings_early(config: RunConfig, tokenizer_size: int) -> None:
     """A tokenizer with more tokens than the base's embeddings (glmtune.vocabulary), checked on an empty copy of
     the base before the data is tokenized: only LoRA can train and save the rows a resize adds."""
+    if config.method == "finetune":  # every row trains and is saved with the model
+        return
     model = empty_model(config.model)
     if model is None:
         return
@@ -135,6 +139,8 @@ def attach_method(config: RunConfig, model, tokenizer_size: int):
     """The method on the loaded base; the embeddings checked again (the early check needs an empty copy, which not
     every base can build); add_lora checks its own."""
     training = config.training
+    if config.method == "finetune" and not training.do_train:
+        return model  # a fully fine-tuned model is a model folder: --model_name_or_path names it
     checkpoint = config.ptuning.ptuning_checkpoint or config.lora.lora_checkpoint
     if not training.do_train and not checkpoint:
         vocabulary.refuse_frozen(model, tokenizer_size, vocabulary.BASE_ALONE)
@@ -145,18 +151,26 @@ def attach_method(config: RunConfig, model, tokenizer_size: int):
     if config.method == "ptuning":
         vocabulary.refuse_frozen(model, tokenizer_size, vocabulary.FROZEN)
         model = add_prefix_encoder(model, config.ptuning)
-    else:
+    elif config.method == "lora":
         model = lora.add_lora(
             model, config.lora, tokenizer_size, trainable=training.do_train, total_steps=training.max_steps
         )
+    else:
+        vocabulary.resize(model, tokenizer_size)
+        model = finetune.add_full_finetuning(model, config.finetune)
     log_trainable(model)
     return model
 
 
 def log_trainable(model) -> None:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(_size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_size(p) for p in model.parameters())
     logger.info("Trainable parameters: %s of %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+
+def _size(parameter) -> int:
+    """Elements of a parameter; ZeRO-3 partitions a base as it loads, leaving numel() 0 and the size in ds_numel."""
+    return getattr(parameter, "ds_numel", parameter.numel())
 
 
 def training_collator(config: RunConfig, tokenizer):

@@ -42,9 +42,9 @@ BITS = {"nf4": 4, "int8": 8, "bf16": None}
 NAIVE_SETTING = dict(batch=1, source=(64, 64), target=(65, 65), checkpointing=True)  # answer + eos: 65
 
 
-def ensure_chatglm3_folder(folder: str, tokenizer_dir: str, tiny: bool) -> None:
+def ensure_chatglm3_folder(folder: str, tokenizer_dir: str, tiny: bool, num_layers: int | None = None) -> None:
     """A ChatGLM3-6B-shaped folder as THUDM ships it (original config keys and weight names), random bf16
-    weights, the real chatglm3 tokenizer files."""
+    weights, the real chatglm3 tokenizer files (``num_layers``: another depth than 28, or 2 when tiny)."""
     if os.path.isfile(os.path.join(folder, "config.json")):
         return
     from glmtune.chatglm.modeling_v2 import ChatGLM2Config, ChatGLM2ForCausalLM
@@ -52,6 +52,8 @@ def ensure_chatglm3_folder(folder: str, tokenizer_dir: str, tiny: bool) -> None:
     shape = (
         dict(num_layers=2, hidden_size=128, ffn_hidden_size=256, kv_channels=32, num_attention_heads=4) if tiny else {}
     )
+    if num_layers is not None:
+        shape["num_layers"] = num_layers
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = ChatGLM2ForCausalLM(ChatGLM2Config(seq_length=8192, **shape)).to(torch.bfloat16)

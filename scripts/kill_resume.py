@@ -2,12 +2,12 @@
 
     python scripts/kill_resume.py --kills 10 --method both
 
-Each method trains the real entry point (ptuning/main.py, lora/main.py) on the toy data, 12 steps with a
-checkpoint every 2. Every other kill lands while a checkpoint is being written (a tmp-checkpoint-* folder
-exists), the others a random 0-0.6 s after the run saved a new checkpoint. After each kill the run restarts
-from the newest checkpoint-N (or from scratch when there is none) until it completes; its final trainable
-weights are then compared with those of an uninterrupted run with the same seed and flags. A run that
-completes before all kills were spent ends the trial early (the table says how many kills happened).
+Each method trains the real entry point (ptuning/main.py, lora/main.py, finetune/main.py) on the toy data,
+12 steps with a checkpoint every 2. Every other kill lands while a checkpoint is being written (a
+tmp-checkpoint-* folder exists), the others a random 0-0.6 s after the run saved a new checkpoint. After each
+kill the run restarts from the newest checkpoint-N (or from scratch when there is none) until it completes; its
+final trainable weights are then compared with those of an uninterrupted run with the same seed and flags. A run
+that completes before all kills were spent ends the trial early (the table says how many kills happened).
 """
 
 import argparse
@@ -28,8 +28,13 @@ MAX_STEPS, SAVE_STEPS = 12, 2
 METHOD_FLAGS = {
     "ptuning": ["--pre_seq_len", "4", "--learning_rate", "1e-2"],
     "lora": ["--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2"],
+    "finetune": ["--learning_rate", "1e-3"],
 }
-WEIGHTS = {"ptuning": "prefix_encoder.safetensors", "lora": "adapter_model.safetensors"}
+WEIGHTS = {
+    "ptuning": "prefix_encoder.safetensors",
+    "lora": "adapter_model.safetensors",
+    "finetune": "model.safetensors",
+}
 THREADS = min(2, os.cpu_count() or 1)  # the same in every run: CPU kernels may split work by thread count
 CHECKPOINT_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
 
@@ -190,7 +195,7 @@ def main(argv=None) -> int:
         help="training steps (checkpoint every 2); each timed kill waits for a new checkpoint, "
         "so 10 kills need about 24 steps",
     )
-    parser.add_argument("--method", choices=["ptuning", "lora", "both"], default="both")
+    parser.add_argument("--method", choices=["ptuning", "lora", "finetune", "both"], default="both")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--model_name_or_path", help="default: a freshly built tiny GLM (random weights)")
     parser.add_argument("--workdir", help="default: a new temporary folder")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sourced by ptuning/ and lora/ train.sh and evaluate.sh after common.sh and their variables: sets `launch`, the
+# Sourced by ptuning/, lora/ and finetune/ train.sh and evaluate.sh after common.sh and their variables: sets `launch`, the
 # command that starts main.py, and adds --deepspeed to `extra`. One process per GPU, always:
 #   NUM_GPUS=1, NNODES=1, no DEEPSPEED (the defaults): one plain `$PYTHON main.py` process, as before.
 #   NUM_GPUS=N: N data-parallel processes on this machine through torchrun. Never one process driving several

@@ -3,6 +3,7 @@ combination and must end with clear ``error:`` lines on stderr (naming the file 
 flag), exit status 2, no traceback, and nothing written: --output_dir is not created and no stray file
 appears next to the inputs."""
 
+import importlib.util
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TOY_DEV, TOY_TRAIN, write_jsonl
+from conftest import REPO, TOY_DEV, TOY_TRAIN, write_jsonl
 
 from glmtune.cli import main
 
@@ -25,6 +26,11 @@ def _conversation(*roles, key="conversations") -> dict:
 CONVERSATION = _conversation("user", "assistant")
 ADALORA = ["--lora_variant", "adalora", "--max_steps", 10]
 SMALL = ["--max_source_length", "16", "--max_target_length", "8", "--max_new_tokens", "4", "--report_to", "none"]
+DEEPSPEED = REPO / "scripts" / "deepspeed"
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="DeepSpeed is not installed (requirements-deepspeed.txt); TrainingArguments load it for --deepspeed",
+)
 
 
 class Case:
@@ -380,6 +386,71 @@ CASES = [
         ),
     ),
     (
+        "pre_seq_len-with-finetune",
+        lambda c: (
+            c.train("finetune", TOY_TRAIN, "--pre_seq_len", 8),
+            [["--pre_seq_len", "P-Tuning v2", "finetune/main.py trains every weight of the base"]],
+        ),
+    ),
+    (
+        "lora_rank-with-finetune",
+        lambda c: (c.train("finetune", TOY_TRAIN, "--lora_rank", 4), [["--lora_rank", "LoRA"]]),
+    ),
+    (
+        "trainable_layers-with-lora",
+        lambda c: (
+            c.train("lora", TOY_TRAIN, "--trainable_layers", 1),
+            [["--trainable_layers", "full fine-tuning", "run finetune/main.py"]],
+        ),
+    ),
+    (
+        "trainable_layers-beyond-the-model",
+        lambda c: (
+            c.train("finetune", TOY_TRAIN, "--trainable_layers", 3),
+            [["--trainable_layers 3", "the model has 2 decoder layers", "give 1 to 2"]],
+        ),
+    ),
+    (
+        "quantized-base-with-finetune",
+        lambda c: (
+            c.train("finetune", TOY_TRAIN, "--quantization_bit", 4),
+            [["--quantization_bit 4", "full fine-tuning", "cannot be trained", "lora/train.sh"]]
+            + ([] if torch.cuda.is_available() else [["--quantization_bit 4 needs a CUDA GPU"]]),
+        ),
+    ),
+    (
+        "zero3-config-that-cannot-save-a-full-model",
+        lambda c: (
+            c.train("finetune", TOY_TRAIN, "--deepspeed", p := _zero3_without_gathering(c)),
+            [
+                [
+                    f"--deepspeed {p}",
+                    "full fine-tuning saves the whole model",
+                    "stage3_gather_16bit_weights_on_model_save",
+                ]
+            ]
+            + _ds_needs_a_gpu(p),
+        ),
+        needs_deepspeed,
+    ),
+    (
+        "8bit-optimizer-with-optimizer-offload",
+        lambda c: (
+            c.train(
+                "lora", TOY_TRAIN, "--deepspeed", p := DEEPSPEED / "zero3_offload.json", "--optim", "paged_adamw_8bit"
+            ),
+            _ds_needs_a_gpu(p) + [["--optim paged_adamw_8bit", "on the GPU", "offload_optimizer", "use one of them"]],
+        ),
+        needs_deepspeed,
+    ),
+    (
+        "float16-weights-with-finetune",
+        lambda c: (
+            c.train("finetune", TOY_TRAIN, "--torch_dtype", "float16"),
+            [["--torch_dtype float16", "full fine-tuning", "--fp16 computes in float16"]],
+        ),
+    ),
+    (
         "quantization_bit-3",
         lambda c: (c.train("lora", TOY_TRAIN, "--quantization_bit", 3), [["--quantization_bit must be 4 or 8, got 3"]]),
     ),
@@ -701,6 +772,7 @@ CASES = [
             ("lora_dropout", "1.0", "lora"),
             ("prefix_dropout", "-0.1", "ptuning"),
             ("pre_seq_len", "0", "ptuning"),
+            ("trainable_layers", "0", "finetune"),
             ("max_train_samples", "0", "lora"),
             ("preprocessing_num_workers", "0", "ptuning"),
         ]
@@ -807,6 +879,16 @@ CASES = [
         ),
     ),
 ]
+
+
+def _zero3_without_gathering(case):
+    config = json.loads((DEEPSPEED / "zero3.json").read_text())
+    del config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    return case.file("zero3-sharded-save.json", json.dumps(config))
+
+
+def _ds_needs_a_gpu(config) -> list:
+    return [] if torch.cuda.is_available() else [[f"--deepspeed {config} needs CUDA GPUs"]]
 
 
 def _adapter_only(case):

@@ -1,4 +1,5 @@
-"""The original ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B folders through the unchanged ptuning/ and lora/ scripts.
+"""The original ChatGLM-6B / ChatGLM2-6B / ChatGLM3-6B folders through the unchanged ptuning/, lora/ and finetune/
+scripts.
 
 Each tiny golden model of ../shared/golden (original config.json and state-dict keys) is put in a folder
 with its real tokenizer files, as a downloaded THUDM folder would be, and the shell scripts are pointed
@@ -40,7 +41,7 @@ def predictions(folder) -> list:
 
 
 @pytest.mark.parametrize("version", ["v1", "v2", "v3"])
-@pytest.mark.parametrize("method", ["ptuning", "lora"])
+@pytest.mark.parametrize("method", ["ptuning", "lora", "finetune"])
 def test_original_folder_trains_evaluates_and_reloads(version, method, tmp_path):
     from glmtune.serve.tuned import load_tuned
 
@@ -74,7 +75,10 @@ def test_original_folder_trains_evaluates_and_reloads(version, method, tmp_path)
     }
 
     queries = [json.loads(line)["content"] for line in open(test_file, encoding="utf-8")]
-    tuned = load_tuned(model, str(tmp_path / "train"), torch_dtype="float32", max_source_length=32)
+    if method == "finetune":  # the trained folder is the model
+        tuned = load_tuned(str(tmp_path / "train"), torch_dtype="float32", max_source_length=32)
+    else:
+        tuned = load_tuned(model, str(tmp_path / "train"), torch_dtype="float32", max_source_length=32)
     assert tuned.generate(queries, max_new_tokens=8) == evaluated
     if method == "ptuning":  # the ancestors' format alone: pytorch_model.bin with transformer.prefix_encoder.*
         original = tmp_path / "original-format"

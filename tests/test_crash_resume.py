@@ -16,7 +16,7 @@ _spec.loader.exec_module(kill_resume)
 KILLS = int(os.environ.get("GLMTUNE_KILLS", "2"))  # per method; scripts/kill_resume.py --kills 10 for more
 
 
-@pytest.mark.parametrize("method", ["ptuning", "lora"])
+@pytest.mark.parametrize("method", ["ptuning", "lora", "finetune"])
 def test_checkpoints_are_complete_and_no_temporary_folder_remains(tiny_model_dir, tmp_path, method):
     out = tmp_path / "out"
     (out / "tmp-checkpoint-99").mkdir(parents=True)  # what a run killed mid-save leaves behind
@@ -53,7 +53,7 @@ def test_a_killed_save_is_not_resumed_from(tiny_model_dir, tmp_path):
     assert resume_checkpoint(config) == str(out / "checkpoint-2")
 
 
-@pytest.mark.parametrize("method", ["ptuning", "lora"])
+@pytest.mark.parametrize("method", ["ptuning", "lora", "finetune"])
 def test_sigkilled_runs_resume_to_the_uninterrupted_weights(tiny_model_dir, tmp_path, method, kills=KILLS):
     result = kill_resume.trial(method, tiny_model_dir, tmp_path, kills=kills, seed=7)
     assert result["kills"] == kills and result["kills_during_save"] >= 1, result

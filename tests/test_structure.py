@@ -86,6 +86,7 @@ def test_core_modules_import_neither_the_fast_path_nor_the_use_side():
         "glmtune.lora",
         "glmtune.adapter_config",
         "glmtune.vocabulary",
+        "glmtune.finetune",
         "glmtune.trainer",
         "glmtune.metrics",
         "glmtune.errors",

@@ -14,6 +14,7 @@ from glmtune.cli import main
 METHOD_FLAGS = {
     "ptuning": ["--pre_seq_len", "4", "--learning_rate", "1e-2"],
     "lora": ["--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2"],
+    "finetune": ["--learning_rate", "1e-3"],
 }
 
 
@@ -71,8 +72,12 @@ PREDICT = ["--do_predict", "--test_file", str(TOY_DEV)]
 
 
 def trained_weights(folder, method):
-    name = "prefix_encoder.safetensors" if method == "ptuning" else "adapter_model.safetensors"
-    return load_file(str(folder / name))
+    names = {
+        "ptuning": "prefix_encoder.safetensors",
+        "lora": "adapter_model.safetensors",
+        "finetune": "model.safetensors",
+    }
+    return load_file(str(folder / names[method]))
 
 
 def test_ptuning_checkpoint_holds_only_the_prefix_encoder(tiny_model_dir, tmp_path):
