@@ -50,39 +50,13 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}         # node 0's address and a free port
 MASTER_PORT=${MASTER_PORT:-29500}
 DEEPSPEED=${DEEPSPEED:-}                      # a DeepSpeed config, e.g. scripts/deepspeed/zero3_offload.json; empty: none
 
-ensure_model "$MODEL"
-extra=()
-[ -n "$TRAINABLE_LAYERS" ] && extra+=(--trainable_layers "$TRAINABLE_LAYERS")
-[ -n "$SAVE_TOTAL_LIMIT" ] && extra+=(--save_total_limit "$SAVE_TOTAL_LIMIT")
+source "$REPO/scripts/method.sh"
+method_flags=()
+[ -n "$TRAINABLE_LAYERS" ] && method_flags+=(--trainable_layers "$TRAINABLE_LAYERS")
+[ -n "$SAVE_TOTAL_LIMIT" ] && method_flags+=(--save_total_limit "$SAVE_TOTAL_LIMIT")
 case "$GRADIENT_CHECKPOINTING" in
-    1) extra+=(--gradient_checkpointing) ;;
+    1) method_flags+=(--gradient_checkpointing) ;;
     0) ;;
     *) echo "error: GRADIENT_CHECKPOINTING must be 0 or 1, got '$GRADIENT_CHECKPOINTING'" >&2; exit 2 ;;
 esac
-case "$PREVIOUS_RUN" in
-    move) extra+=(--overwrite_output_dir) ;;
-    refuse) ;;
-    *) echo "error: PREVIOUS_RUN must be move or refuse, got '$PREVIOUS_RUN'" >&2; exit 2 ;;
-esac
-[ -n "$HISTORY_COLUMN" ] && extra+=(--history_column "$HISTORY_COLUMN")
-[ -n "$DATA_FORMAT" ] && extra+=(--data_format "$DATA_FORMAT")
-source "$REPO/scripts/launch.sh"              # sets launch (python or torchrun), adds --deepspeed
-
-"${launch[@]}" "$REPO/finetune/main.py" \
-    --do_train \
-    --model_name_or_path "$MODEL" \
-    --train_file "$TRAIN_FILE" \
-    --validation_file "$DEV_FILE" \
-    --prompt_column "$PROMPT_COLUMN" \
-    --response_column "$RESPONSE_COLUMN" \
-    --max_source_length "$MAX_SOURCE_LENGTH" \
-    --max_target_length "$MAX_TARGET_LENGTH" \
-    --learning_rate "$LR" \
-    --per_device_train_batch_size "$BATCH_SIZE" \
-    --gradient_accumulation_steps "$GRAD_ACCUM" \
-    --max_steps "$MAX_STEPS" \
-    --logging_steps 10 \
-    --save_steps "$SAVE_STEPS" \
-    --output_dir "$OUTPUT_DIR" \
-    --report_to tensorboard \
-    "${extra[@]}" "$@"
+train_method finetune "${method_flags[@]}" "$@"

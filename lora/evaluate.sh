@@ -37,36 +37,5 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}         # node 0's address and a free port
 MASTER_PORT=${MASTER_PORT:-29500}
 DEEPSPEED=${DEEPSPEED:-}                      # a DeepSpeed config, e.g. scripts/deepspeed/zero3.json; empty: none
 
-check_compare_base
-ensure_model "$MODEL"
-extra=()
-[ -n "$QUANTIZATION_BIT" ] && extra+=(--quantization_bit "$QUANTIZATION_BIT")
-[ -n "$HISTORY_COLUMN" ] && extra+=(--history_column "$HISTORY_COLUMN")
-[ -n "$DATA_FORMAT" ] && extra+=(--data_format "$DATA_FORMAT")
-source "$REPO/scripts/launch.sh"              # sets launch (python or torchrun), adds --deepspeed
-tuned=()
-if [ "$CHECKPOINT" = "none" ]; then
-    OUTPUT_DIR=${OUTPUT_DIR/#none/output/base-model}
-else
-    tuned=(--lora_checkpoint "$CHECKPOINT${STEP:+/checkpoint-$STEP}")
-fi
-
-predict() {                                   # predict FOLDER [flags]: answer and score every row of TEST_FILE
-    "${launch[@]}" "$REPO/lora/main.py" \
-        --do_predict \
-        --model_name_or_path "$MODEL" \
-        --test_file "$TEST_FILE" \
-        --prompt_column "$PROMPT_COLUMN" \
-        --response_column "$RESPONSE_COLUMN" \
-        --max_source_length "$MAX_SOURCE_LENGTH" \
-        --max_target_length "$MAX_TARGET_LENGTH" \
-        --per_device_eval_batch_size "$EVAL_BATCH_SIZE" \
-        --output_dir "$1" \
-        --report_to none \
-        "${extra[@]}" "${@:2}"
-}
-predict "$OUTPUT_DIR" "${tuned[@]}" "$@"
-if [ "$COMPARE_BASE" = 1 ]; then
-    predict "$OUTPUT_DIR/base" "$@"
-    compare_with_base "$OUTPUT_DIR" "$CHECKPOINT${STEP:+/checkpoint-$STEP}"
-fi
+source "$REPO/scripts/method.sh"
+evaluate_method lora "$@"

@@ -64,44 +64,13 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}         # node 0's address and a free port
 MASTER_PORT=${MASTER_PORT:-29500}
 DEEPSPEED=${DEEPSPEED:-}                      # a DeepSpeed config, e.g. scripts/deepspeed/zero3.json; empty: none
 
-ensure_model "$MODEL"
-extra=()
-[ -n "$QUANTIZATION_BIT" ] && extra+=(--quantization_bit "$QUANTIZATION_BIT")
-[ -n "$MAX_MEMORY_GIB" ] && extra+=(--max_memory_gib "$MAX_MEMORY_GIB")
-case "$PREVIOUS_RUN" in
-    move) extra+=(--overwrite_output_dir) ;;
-    refuse) ;;
-    *) echo "error: PREVIOUS_RUN must be move or refuse, got '$PREVIOUS_RUN'" >&2; exit 2 ;;
-esac
-[ -n "$HISTORY_COLUMN" ] && extra+=(--history_column "$HISTORY_COLUMN")
-[ -n "$DATA_FORMAT" ] && extra+=(--data_format "$DATA_FORMAT")
+source "$REPO/scripts/method.sh"
+method_flags=(--lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT"
+    --lora_target "$LORA_TARGET")
 lora_options=(modules_to_save lora_variant adalora_init_rank adalora_tinit adalora_tfinal use_dora use_rslora
     init_lora_weights loraplus_lr_ratio lora_checkpoint)
 for flag in "${lora_options[@]}"; do           # each variable above, named in capitals, when set
     variable=${flag^^}
-    [ -n "${!variable}" ] && extra+=(--"$flag" "${!variable}")
+    [ -n "${!variable}" ] && method_flags+=(--"$flag" "${!variable}")
 done
-source "$REPO/scripts/launch.sh"              # sets launch (python or torchrun), adds --deepspeed
-
-"${launch[@]}" "$REPO/lora/main.py" \
-    --do_train \
-    --model_name_or_path "$MODEL" \
-    --train_file "$TRAIN_FILE" \
-    --validation_file "$DEV_FILE" \
-    --prompt_column "$PROMPT_COLUMN" \
-    --response_column "$RESPONSE_COLUMN" \
-    --max_source_length "$MAX_SOURCE_LENGTH" \
-    --max_target_length "$MAX_TARGET_LENGTH" \
-    --lora_rank "$LORA_RANK" \
-    --lora_alpha "$LORA_ALPHA" \
-    --lora_dropout "$LORA_DROPOUT" \
-    --lora_target "$LORA_TARGET" \
-    --learning_rate "$LR" \
-    --per_device_train_batch_size "$BATCH_SIZE" \
-    --gradient_accumulation_steps "$GRAD_ACCUM" \
-    --max_steps "$MAX_STEPS" \
-    --logging_steps 10 \
-    --save_steps "$SAVE_STEPS" \
-    --output_dir "$OUTPUT_DIR" \
-    --report_to tensorboard \
-    "${extra[@]}" "$@"
+train_method lora "${method_flags[@]}" "$@"
