@@ -93,7 +93,8 @@ def lora_settings(args: LoraArguments, names=frozenset()) -> tuple[dict, list[st
     """The run's LoRA settings (its flags over --lora_checkpoint's over the defaults) and the problems found:
     a checkpoint that cannot be read, flags that contradict it. ``names``: the flags named in the input."""
     given, saved, problems = given_lora_flags(args, names), {}, []
-    if args.lora_checkpoint and os.path.isdir(args.lora_checkpoint):  # a missing folder: glmtune.parsing says so
+    # a missing folder, or one without an adapter: glmtune.parsing says so
+    if args.lora_checkpoint and os.path.isfile(os.path.join(args.lora_checkpoint, LORA_CONFIG)):
         try:
             saved = saved_lora_settings(read_config(args.lora_checkpoint, LORA_CONFIG, "lora_checkpoint"))
         except SettingsError as error:

@@ -633,13 +633,6 @@ CASES = [
             [["--lora_checkpoint", str(p / "adapter_config.json"), "corrupt"]],
         ),
     ),
-    (
-        "lora-checkpoint-that-is-a-prefix",
-        lambda c: (
-            c.predict("lora", TOY_DEV, checkpoint=(p := c.ptuning_checkpoint)),
-            [[f"--lora_checkpoint {p}: no adapter_config.json in it"]],
-        ),
-    ),
     # ---- LoRA options (glmtune/settings.py)
     (
         "init_lora_weights-unknown",
