@@ -332,13 +332,27 @@ def loraplus_optimizer(ratio: float):
 
 class AdaLoraBudget(TrainerCallback):
     """AdaLoRA reallocates its ranks from each step's gradients: PEFT's update_and_allocate after the optimizer
-    step and before the gradients are zeroed, with the number of steps done before it."""
+    step and before the gradients are zeroed, with the number of steps done before it.
+
+    PEFT adds the orthogonality penalty to every forward's loss, while the loss itself is normalised over the whole
+    effective batch: with gradient accumulation the penalty counted once per micro-batch, so an update depended
+    on how the batch was split (which the memory plan chooses). Its weight is divided by the accumulation steps
+    while a step accumulates, and restored before the step's checkpoint or evaluation (their config and loss
+    are PEFT's)."""
 
     def __init__(self, model):
         self.model = model
+        self.config = model.peft_config[model.active_adapter]
+        self.orth_reg_weight = self.config.orth_reg_weight
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.config.orth_reg_weight = self.orth_reg_weight / args.gradient_accumulation_steps
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.model.base_model.update_and_allocate(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.config.orth_reg_weight = self.orth_reg_weight
 
 
 def training_callbacks(model) -> list:

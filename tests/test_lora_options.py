@@ -218,3 +218,18 @@ def test_a_pissa_run_resumes_to_the_uninterrupted_adapter(tiny_model_dir, tmp_pa
     assert full.keys() == resumed.keys() and all(t.shape[0] == 2 * RANK for k, t in full.items() if "lora_A" in k)
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=1e-5)
+
+
+def test_adalora_step_does_not_depend_on_the_micro_batch_split(tiny_model_dir, tmp_path):
+    """AdaLoRA's orthogonality penalty is added to each micro-batch's loss: one optimizer step over the same 8
+    samples as 8 x 1 or 2 x 4 must still give the same update (the memory plan may choose either)."""
+    from test_memory_plan import one_step
+
+    flags = ["--lora_variant", "adalora", "--adalora_init_rank", "4", "--lora_dropout", "0"]
+    whole = one_step("lora", tiny_model_dir, tmp_path / "whole", 8, 1, *flags)
+    split = one_step("lora", tiny_model_dir, tmp_path / "split", 2, 4, *flags)
+    assert whole.keys() == split.keys()
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-5)
+    saved = json.loads((tmp_path / "split" / "adapter_config.json").read_text())
+    assert saved["orth_reg_weight"] == 0.5  # PEFT's weight, not the one scaled while accumulating
