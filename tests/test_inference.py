@@ -54,6 +54,9 @@ def test_checkpoint_kinds_and_errors(tmp_path, ptuning_checkpoint, lora_checkpoi
         checkpoint_method(str(tmp_path / "missing"))
     with pytest.raises(GlmtuneError, match="neither a P-Tuning v2 checkpoint"):
         checkpoint_method(str(tmp_path))
+    # a fully fine-tuned folder given as the checkpoint: say where it goes
+    with pytest.raises(GlmtuneError, match=r"a whole model folder .* give it as the model \(--model_name_or_path"):
+        checkpoint_method(str(tiny_model_dir))
     with pytest.raises(GlmtuneError, match="not a model folder"):
         load_tuned(str(tmp_path), str(lora_checkpoint))
 

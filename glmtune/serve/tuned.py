@@ -126,6 +126,11 @@ def checkpoint_method(checkpoint) -> str:
         return "ptuning"
     if lora.is_checkpoint(checkpoint):
         return "lora"
+    if os.path.isfile(os.path.join(checkpoint, "config.json")):
+        raise GlmtuneError(
+            f"checkpoint {checkpoint}: a whole model folder (full fine-tuning saves these): give it as the model "
+            "(--model_name_or_path / MODEL) with no checkpoint"
+        )
     raise GlmtuneError(
         f"checkpoint {checkpoint}: neither a P-Tuning v2 checkpoint ({ptuning.CONFIG_FILE}) "
         f"nor a LoRA adapter ({lora.CONFIG_FILE})"
