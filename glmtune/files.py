@@ -1,4 +1,5 @@
-"""Data files -> (location, record) pairs: JSON lines, a JSON array, or CSV / TSV with a header row.
+"""Data files -> (location, record) pairs: JSON lines, a JSON array, or CSV / TSV with a header row; and the small
+JSON files a flag names (a checkpoint's config, state or identity: :func:`read_json`).
 
 Locations are 'file:line' (JSON lines, CSV / TSV: the line a row starts on) or 'file: element N' (a JSON array);
 an unreadable file stops with a :class:`DataError` naming the file and the line.
@@ -8,9 +9,21 @@ import csv
 import io
 import json
 
-from glmtune.errors import DataError
+from glmtune.errors import DataError, GlmtuneError
 
 DATA_README = "see data/README.md for the formats"
+
+
+def read_json(path: str, flag: str, missing: str) -> dict:
+    """The JSON file at ``path``, which ``flag`` points to; one :class:`GlmtuneError` line when it is not there
+    (``missing``: what to say) or cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise GlmtuneError(missing) from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise GlmtuneError(f"{flag}: {path} is corrupt: {error}") from None
 
 
 def is_tabular(path: str) -> bool:

@@ -36,6 +36,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from glmtune import chatglm
 from glmtune.arguments import PtuningArguments
 from glmtune.errors import GlmtuneError
+from glmtune.files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -314,13 +315,7 @@ def _checked_checkpoint_config(checkpoint: str, expected: dict, args: PtuningArg
 
 
 def _read_json(path: str, flag: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise GlmtuneError(f"{flag}: {path} is missing (not a glmtune P-Tuning checkpoint?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise GlmtuneError(f"{flag}: {path} is corrupt: {error}") from None
+    return read_json(path, flag, f"{flag}: {path} is missing (not a glmtune P-Tuning checkpoint?)")
 
 
 # ----------------------------------------------------------------------------- the ancestors' file

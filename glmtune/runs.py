@@ -19,6 +19,7 @@ import time
 from transformers.trainer_utils import get_last_checkpoint
 
 from glmtune.errors import GlmtuneError
+from glmtune.files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -128,13 +129,7 @@ def _short(value) -> str:
 
 
 def _read_json(path: str, flag: str, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise GlmtuneError(f"{flag}: no {os.path.basename(path)} in it ({what})") from None
-    except (ValueError, UnicodeDecodeError) as error:
-        raise GlmtuneError(f"{flag}: {path} is corrupt: {error}") from None
+    return read_json(path, flag, f"{flag}: no {os.path.basename(path)} in it ({what})")
 
 
 def previous_run_problems(config) -> list[str]:

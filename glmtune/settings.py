@@ -6,11 +6,12 @@ cannot run together, stop the run with one line each (glmtune.parsing reports th
 The settings filled in here are also the run's identity (glmtune.runs): a warm start has its checkpoint's shape.
 """
 
-import json
 import os
 from dataclasses import fields
 
 from glmtune.arguments import LORA_DEFAULTS, LORA_INITS, LORA_VARIANTS, LoraArguments
+from glmtune.errors import GlmtuneError
+from glmtune.files import read_json
 
 LORA_CONFIG = "adapter_config.json"
 PREFIX_CONFIG = "prefix_config.json"
@@ -39,19 +40,8 @@ CHANGES_BASE = ("pissa", "olora")  # inits that move part of each weight into th
 PREFIX_SHAPE = ("pre_seq_len", "prefix_projection", "prefix_hidden_size")
 
 
-class SettingsError(Exception):
-    """A checkpoint config that cannot be read (the message is one problem line)."""
-
-
 def read_config(folder: str, name: str, flag: str) -> dict:
-    path = os.path.join(folder, name)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise SettingsError(f"--{flag} {folder}: no {name} in it") from None
-    except (ValueError, UnicodeDecodeError) as error:
-        raise SettingsError(f"--{flag}: {path} is corrupt: {error}") from None
+    return read_json(os.path.join(folder, name), f"--{flag}", f"--{flag} {folder}: no {name} in it")
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -97,7 +87,7 @@ def lora_settings(args: LoraArguments, names=frozenset()) -> tuple[dict, list[st
     if args.lora_checkpoint and os.path.isfile(os.path.join(args.lora_checkpoint, LORA_CONFIG)):
         try:
             saved = saved_lora_settings(read_config(args.lora_checkpoint, LORA_CONFIG, "lora_checkpoint"))
-        except SettingsError as error:
+        except GlmtuneError as error:
             problems.append(str(error))
         problems += _contradictions(given, saved, args.lora_checkpoint)
     settings = {**LORA_DEFAULTS, **saved, **given}
@@ -249,7 +239,7 @@ def prefix_settings(config) -> tuple[dict, list[str]]:
         return {flag: getattr(args, flag) for flag in PREFIX_SHAPE}, problems
     try:
         saved = read_config(folder, PREFIX_CONFIG, "ptuning_checkpoint")
-    except SettingsError as error:
+    except GlmtuneError as error:
         return {flag: getattr(args, flag) for flag in PREFIX_SHAPE}, [str(error)]
     saved = {flag: saved[flag] for flag in PREFIX_SHAPE if flag in saved}
     problems += [

@@ -104,7 +104,8 @@ def predict(probes: list, micro_batch: int, checkpointed: float) -> tuple | None
             return None
         (peak0, time0), (peak1, time1) = (_at(end, micro_batch) for end in ends)
         peak, seconds = peak0 + checkpointed * (peak1 - peak0), time0 + checkpointed * (time1 - time0)
-    return peak, _checkpointed_time(probes, micro_batch, checkpointed) or seconds
+    steady = _checkpointed_time(probes, micro_batch, checkpointed)
+    return peak, seconds if steady is None else steady
 
 
 def _checkpointed_time(probes: list, micro_batch: int, checkpointed: float) -> float | None:
