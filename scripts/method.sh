@@ -81,6 +81,26 @@ predict() {
         "${extra[@]}" "${@:4}"
 }
 
+# evaluate.sh's COMPARE_BASE: 0, or 1 with a checkpoint to compare with the base.
+check_compare_base() {
+    if [ "$COMPARE_BASE" != 0 ] && [ "$COMPARE_BASE" != 1 ]; then
+        echo "error: COMPARE_BASE must be 0 or 1, got '$COMPARE_BASE'" >&2
+        exit 2
+    fi
+    if [ "$COMPARE_BASE" = 1 ] && [ "$CHECKPOINT" = none ]; then
+        echo "error: COMPARE_BASE=1 compares a CHECKPOINT with the base, and CHECKPOINT is none" >&2
+        exit 2
+    fi
+}
+
+# The scores of the tuned model (in folder $1) and of the untuned base (in $1/base), side by side.
+compare_with_base() {
+    echo
+    "${PYTHON:-python3}" "$REPO/evaluate/score.py" "$1/base/generated_predictions.txt" "$1/generated_predictions.txt" \
+        --labels "untuned base" tuned
+    echo "tuned: $2; predictions in $1/generated_predictions.txt and $1/base/generated_predictions.txt"
+}
+
 data_flags() {                                # the data variables that are passed only when set
     [ -n "$HISTORY_COLUMN" ] && extra+=(--history_column "$HISTORY_COLUMN")
     [ -n "$DATA_FORMAT" ] && extra+=(--data_format "$DATA_FORMAT")
