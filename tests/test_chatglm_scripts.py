@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import REPO, TOY_DEV, TOY_TRAIN, chatglm_folder, needs_shared
@@ -30,6 +31,9 @@ def head(path, rows: int, out):
     return str(out)
 
 
+VERSIONS, METHODS = ["v1", "v2", "v3"], ["ptuning", "lora", "finetune"]
+
+
 def bash(script: str, **env) -> None:
     result = subprocess.run(["bash", script], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -40,31 +44,56 @@ def predictions(folder) -> list:
     return [json.loads(line)["predict"] for line in lines]
 
 
-@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
-@pytest.mark.parametrize("method", ["ptuning", "lora", "finetune"])
-def test_original_folder_trains_evaluates_and_reloads(version, method, tmp_path):
-    from glmtune.serve.tuned import load_tuned
-
-    model = chatglm_folder(version, tmp_path / "model")
-    test_file = head(TOY_DEV, TEST_ROWS, tmp_path / "test.json")
-    common = dict(MODEL=model, MAX_SOURCE_LENGTH="32", MAX_TARGET_LENGTH="8", PRE_SEQ_LEN="4")
+def train_and_evaluate(version: str, method: str, folder) -> None:
+    """train.sh then evaluate.sh on the original folder, into ``folder``/train and ``folder``/eval."""
+    model = chatglm_folder(version, folder / "model")
+    test_file = head(TOY_DEV, TEST_ROWS, folder / "test.json")
+    common = dict(MODEL=model, MAX_SOURCE_LENGTH="32", MAX_TARGET_LENGTH="8", PRE_SEQ_LEN="4", OMP_NUM_THREADS="1")
     bash(
         f"{method}/train.sh",
         **common,
-        TRAIN_FILE=head(TOY_TRAIN, TRAIN_ROWS, tmp_path / "train.json"),
+        TRAIN_FILE=head(TOY_TRAIN, TRAIN_ROWS, folder / "train.json"),
         DEV_FILE=test_file,
         BATCH_SIZE="4",
         MAX_STEPS="3",
         SAVE_STEPS="3",
-        OUTPUT_DIR=str(tmp_path / "train"),
+        OUTPUT_DIR=str(folder / "train"),
     )
     bash(
         f"{method}/evaluate.sh",
         **common,
         TEST_FILE=test_file,
-        CHECKPOINT=str(tmp_path / "train"),
-        OUTPUT_DIR=str(tmp_path / "eval"),
+        CHECKPOINT=str(folder / "train"),
+        OUTPUT_DIR=str(folder / "eval"),
     )
+
+
+@pytest.fixture(scope="module")
+def script_runs(tmp_path_factory) -> dict:
+    """(version, method) -> (its folder, the failure of its scripts or None). The 18 script runs go two at a time
+    (CI has two cores, and most of a run is Python starting and importing)."""
+    runs = {(v, m): tmp_path_factory.mktemp(f"{m}-{v}") for v in VERSIONS for m in METHODS}
+
+    def attempt(key):
+        try:
+            train_and_evaluate(*key, runs[key])
+        except AssertionError as error:
+            return str(error)
+        return None
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failures = dict(zip(runs, pool.map(attempt, runs)))
+    return {key: (runs[key], failures[key]) for key in runs}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("method", METHODS)
+def test_original_folder_trains_evaluates_and_reloads(version, method, script_runs):
+    from glmtune.serve.tuned import load_tuned
+
+    tmp_path, failure = script_runs[version, method]
+    assert failure is None, failure
+    model, test_file = str(tmp_path / "model"), str(tmp_path / "test.json")
     evaluated = predictions(tmp_path / "eval")
     assert len(evaluated) == TEST_ROWS
     assert set(json.loads((tmp_path / "eval" / "predict_results.json").read_text())) >= {
