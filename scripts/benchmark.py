@@ -461,10 +461,10 @@ def _precision(bits) -> str:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def run_generation(folder, args) -> list:
+def run_generation(folder, args, report=lambda result: None) -> list:
     """Greedy, 64 new tokens, ADGEN-length prompts, glmtune's batched predict for the base, a P-Tuning v2 prefix and
     a LoRA adapter, with the dynamic and the static key/value cache (its answers compared with the dynamic one's); and
-    one prompt at a time (prefix, dynamic cache)."""
+    one prompt at a time (prefix, dynamic cache). ``report`` gets each row as it ends (a run cut short keeps them)."""
     vocab = GlmConfig.from_pretrained(folder).vocab_size
     samples = synthetic_samples(args.prompts, {"source": (24, 64), "target": (1, 1)}, vocab)
     prompts = [{"input_ids": s["input_ids"][:-1], "labels": s["input_ids"][-1:]} for s in samples]
@@ -478,8 +478,10 @@ def run_generation(folder, args) -> list:
             shape = f"{len(prompts)} prompts, bs {args.eval_batch}"
             results.append(Result("generate", f"{method} {cache}", "bf16", shape, rate, rate / 64, peak, 0,
                                   float("nan"), note=same))  # fmt: skip
+            report(results[-1])
         if method == "ptuning":
             results.append(_one_at_a_time(model, prompts[: args.single_prompts]))
+            report(results[-1])
         del model
         free_memory()
     return results
@@ -652,10 +654,7 @@ def main() -> None:
     ensure_model(args.model, TINY if args.tiny else CHATGLM3_6B)
     for name, method, bits, setting_name in (rows[name] for name in wanted):  # in the order asked for
         if name == "generate":  # where the list puts it: a run cut short keeps the rows before it
-            generated = run_generation(args.model, args)
-            results += generated
-            for result in generated:
-                save_json(args.json, result)
+            results += run_generation(args.model, args, report=lambda result: report(args, result))
             continue
         if bits and not torch.cuda.is_available():
             continue
@@ -694,6 +693,12 @@ def environment() -> str:
     except ImportError:
         versions.append("no bitsandbytes")
     return f"device: {device}; " + ", ".join(versions)
+
+
+def report(args, result: Result) -> None:
+    """A row printed and saved as soon as it is measured."""
+    print(result, flush=True)
+    save_json(args.json, result)
 
 
 def save_json(path: str | None, result: Result) -> None:
