@@ -24,9 +24,10 @@ The same run through the shell script, on the folder this script builds (--build
     DEEPSPEED=scripts/deepspeed/zero3_offload.json BATCH_SIZE=4 LR=1e-4 GRADIENT_CHECKPOINTING=1 MAX_STEPS=4
     SAVE_STEPS=1000 bash finetune/train.sh
 
-Host memory to expect (arithmetic, not a measurement): with the optimizer offloaded, the host holds the float32
-master weights, gradients and AdamW's two moments, 16 bytes per parameter, plus 2 for offloaded bf16 weights:
-about 105 GiB for 6.24B parameters. --num_layers makes a shallower model where the host has less.
+Host memory to expect: with the optimizer offloaded, the host holds the float32 master weights, gradients and
+AdamW's two moments, 16 bytes per parameter, plus 2 for offloaded bf16 weights; measured (2026-12-03, H200 host
+with 125 GiB, docs/benchmarks.md run 18) the peak was about 27 bytes per parameter: 85.2 GiB at 14 layers (3.39B),
+and the 28-layer 6.24B run was killed for host memory. --num_layers makes a shallower model where the host has less.
 """
 
 import argparse
