@@ -13,6 +13,7 @@ that fine-tuning has a base that knows the words but not the task.
 """
 
 import argparse
+import fcntl
 import json
 import os
 import random
@@ -177,11 +178,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     quiet_progress_bars()
-    start = time.time()
-    staging = args.out.rstrip("/") + ".partial"
-    loss = build(args.data, staging, steps=args.steps, seed=args.seed)
-    os.replace(staging, args.out)  # a half-built model folder never looks like a model
-    print(f"Built {args.out} in {time.time() - start:.0f} s (pretraining loss {loss:.3f})")
+    out = args.out.rstrip("/")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    # Two runs started at once on a fresh checkout both find no model: the second waits for the first's build
+    # (they would both write out.partial and the slower rename would fail on the folder the faster one made).
+    with open(out + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(os.path.join(out, "config.json")):
+            print(f"{out} was built meanwhile by another run")
+            return
+        start = time.time()
+        staging = out + ".partial"
+        loss = build(args.data, staging, steps=args.steps, seed=args.seed)
+        os.replace(staging, out)  # a half-built model folder never looks like a model
+    print(f"Built {out} in {time.time() - start:.0f} s (pretraining loss {loss:.3f})")
 
 
 if __name__ == "__main__":

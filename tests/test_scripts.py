@@ -150,3 +150,15 @@ def test_compare_base_refuses_what_it_cannot_compare(variables, message, tmp_pat
         ["bash", str(REPO / "lora" / "evaluate.sh")], cwd=tmp_path, env={**os.environ, **variables}, capture_output=True
     )
     assert (result.returncode, result.stderr.decode().splitlines()) == (2, [message])
+
+
+def test_two_runs_on_a_fresh_checkout_build_the_tiny_model_once(tmp_path):
+    """Both find no model; the second waits for the first's build instead of failing to rename its own over it
+    (seen in CI: two scripts started together, 'Directory not empty: models/tiny-glm.partial -> models/tiny-glm')."""
+    out = tmp_path / "models" / "tiny-glm"
+    command = ["python3", str(REPO / "scripts" / "build_tiny_model.py"), "--out", str(out), "--steps", "0"]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    printed = [run.communicate()[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], printed
+    assert sum("was built meanwhile by another run" in text for text in printed) == 1, printed
+    assert (out / "config.json").is_file() and not (tmp_path / "models" / "tiny-glm.partial").exists()
