@@ -8,8 +8,8 @@
 #   MODEL=/path/to/chatglm-6b TRAIN_FILE=AdvertiseGen/train.json DEV_FILE=AdvertiseGen/dev.json NUM_GPUS=4
 #   DEEPSPEED=scripts/deepspeed/zero2.json LR=1e-4 MAX_SOURCE_LENGTH=64 MAX_TARGET_LENGTH=64 BATCH_SIZE=4 GRAD_ACCUM=1
 #   MAX_STEPS=5000 SAVE_STEPS=1000 GRADIENT_CHECKPOINTING=1
-# Memory: README, Full fine-tuning (a 6B model on one GPU: DEEPSPEED=scripts/deepspeed/zero3_offload.json, or
-# --optim paged_adamw_8bit).
+# Memory: README, Full fine-tuning (a 6B model on one GPU: --optim paged_adamw_8bit, 48 GiB on an H200; or
+# DEEPSPEED=scripts/deepspeed/zero3_offload.json with about 27 bytes of host memory per parameter).
 set -euo pipefail
 source "$(dirname "$0")/../scripts/common.sh"  # REPO; paths you give are relative to where you run this
 
