@@ -402,7 +402,7 @@ def run_glmtune(folder, row, method, bits, setting, args) -> Result:
     if bits == 8:  # as glmtune.speed.prepare for training
         dequantized_int8_training(model, torch.bfloat16)
     if torch.cuda.is_available():
-        lora_in_base_dtype(model)
+        lora_in_base_dtype(model, quantized=args.quantized_lora_branch == "bf16")
     if compiled(args, bits):
         compile_decoder_layers(model)
     steps = total_steps(args, "glmtune")
@@ -616,6 +616,12 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="glmtune rows: padding-free batches, as train.sh on a GPU (--no-padding_free: padded)",
+    )
+    parser.add_argument(
+        "--quantized_lora_branch",
+        choices=("bf16", "peft"),
+        default="bf16",
+        help="glmtune's LoRA rows on 4/8-bit bases: the branch in bf16 as train.sh (bf16), or PEFT's float32 forward",
     )
     recipe = parser.add_argument_group("recipe section (--rows recipe; scripts/benchmark_recipe.py)")
     recipe.add_argument(

@@ -120,3 +120,15 @@ def test_lora_branch_in_the_compute_dtype_on_a_quantized_base(tiny_model_dir, bi
     torch.testing.assert_close(fast_loss, loss, atol=2e-2, rtol=1e-2)
     for name, grad in grads.items():
         assert (fast_grads[name] - grad).norm() <= 0.05 * grad.norm() + 1e-6, name
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_false_leaves_bitsandbytes_layers_to_peft(tiny_model_dir, bits, caplog):
+    """The benchmark's --quantized_lora_branch peft: no bitsandbytes layer switched, and the log says so."""
+    model = add_lora(
+        quantized(tiny_model_dir, bits), LoraArguments(lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_target="all")
+    )
+    with caplog.at_level(logging.INFO, logger="glmtune.speed.fast_lora"):
+        assert lora_in_base_dtype(model, quantized=False) == 0
+    kind = "Linear4bit" if bits == 4 else "Linear8bitLt"
+    assert f"LoRA in the base dtype: 0 layers; PEFT's own forward kept for 12 {kind}" in caplog.text
