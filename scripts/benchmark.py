@@ -674,8 +674,7 @@ def main() -> None:
             started = time.perf_counter()
             try:
                 results.append(runner(args.model, name, method, bits, {**SETTINGS[setting_name], "batch": batch}, args))
-                print(results[-1], f"({time.perf_counter() - started:.0f} s)", flush=True)
-                save_json(args.json, results[-1])
+                report(args, results[-1], f"({time.perf_counter() - started:.0f} s)")
             except torch.OutOfMemoryError:
                 print(f"{name} {impl} micro-batch {batch}: out of memory", flush=True)
             except Exception:  # one broken row must not cost the others' measurements (GPU time is scarce)
@@ -701,9 +700,9 @@ def environment() -> str:
     return f"device: {device}; " + ", ".join(versions)
 
 
-def report(args, result: Result) -> None:
-    """A row printed and saved as soon as it is measured."""
-    print(result, flush=True)
+def report(args, result: Result, *notes: str) -> None:
+    """A row printed (with ``notes``) and saved as soon as it is measured."""
+    print(result, *notes, flush=True)
     save_json(args.json, result)
 
 

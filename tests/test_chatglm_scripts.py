@@ -9,13 +9,12 @@ which alone (their format) must give the same answers.
 """
 
 import json
-import os
 import shutil
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import REPO, TOY_DEV, TOY_TRAIN, chatglm_folder, needs_shared
+from test_scripts import bash
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,11 +33,6 @@ def head(path, rows: int, out):
 VERSIONS, METHODS = ["v1", "v2", "v3"], ["ptuning", "lora", "finetune"]
 
 
-def bash(script: str, **env) -> None:
-    result = subprocess.run(["bash", script], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-
-
 def predictions(folder) -> list:
     lines = (folder / "generated_predictions.txt").read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["predict"] for line in lines]
@@ -51,6 +45,7 @@ def train_and_evaluate(version: str, method: str, folder) -> None:
     common = dict(MODEL=model, MAX_SOURCE_LENGTH="32", MAX_TARGET_LENGTH="8", PRE_SEQ_LEN="4", OMP_NUM_THREADS="1")
     bash(
         f"{method}/train.sh",
+        cwd=REPO,
         **common,
         TRAIN_FILE=head(TOY_TRAIN, TRAIN_ROWS, folder / "train.json"),
         DEV_FILE=test_file,
@@ -61,6 +56,7 @@ def train_and_evaluate(version: str, method: str, folder) -> None:
     )
     bash(
         f"{method}/evaluate.sh",
+        cwd=REPO,
         **common,
         TEST_FILE=test_file,
         CHECKPOINT=str(folder / "train"),

@@ -10,14 +10,13 @@ most of a run is imports).
 
 import hashlib
 import json
-import os
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from conftest import REPO
 from safetensors.torch import load_file
+from test_scripts import bash
 
 pytestmark = pytest.mark.slow
 # Short runs: 4 optimizer steps of 2 samples, short answers.
@@ -86,10 +85,7 @@ def run_chain(folder, chain, snapshots: dict) -> None:
         if "LORA_CHECKPOINT" in variables or "PTUNING_CHECKPOINT" in variables:
             start = folder / (variables.get("LORA_CHECKPOINT") or variables["PTUNING_CHECKPOINT"])
             snapshots[name] = digest(start)
-        with open(folder / f"{name}.log", "w") as log:
-            result = subprocess.run(["bash", str(REPO / script), *args], cwd=folder, stdout=log,
-                                    stderr=subprocess.STDOUT, env={**os.environ, **SHORT, **variables})  # fmt: skip
-        assert result.returncode == 0, f"{script} {variables}:\n{(folder / f'{name}.log').read_text()[-4000:]}"
+        bash(script, *args, cwd=folder, log=folder / f"{name}.log", **SHORT, **variables)
 
 
 @pytest.fixture(scope="module")
