@@ -559,11 +559,10 @@ def _fill_defaults(config: RunConfig) -> None:
         training.gradient_checkpointing_kwargs = {"use_reentrant": False}
     if training.do_predict:
         training.predict_with_generate = True  # prediction means generating text to score
-    if config.run.compile_layers is None:  # measured on bf16 bases only (docs/benchmarks.md); opt in for 4/8-bit
+    if config.run.compile_layers is None:
         config.run.compile_layers = (
             training.do_train
             and _cuda_available()
-            and not config.model.quantization_bit
             and zero_stage(training) != 3  # see _distributed_problems
             and config.lora.lora_variant != "adalora"  # its layers keep PEFT's forward (glmtune.speed.fast_lora)
         )

@@ -403,7 +403,7 @@ def run_glmtune(folder, row, method, bits, setting, args) -> Result:
         dequantized_int8_training(model, torch.bfloat16)
     if torch.cuda.is_available():
         lora_in_base_dtype(model, quantized=args.quantized_lora_branch == "bf16")
-    if compiled(args, bits):
+    if compiled(args):
         compile_decoder_layers(model)
     steps = total_steps(args, "glmtune")
     samples = synthetic_samples(sample_count(args, setting), setting, model.config.vocab_size)
@@ -417,9 +417,9 @@ def run_glmtune(folder, row, method, bits, setting, args) -> Result:
     return measure(trainer, setting, args, row, "glmtune", _precision(bits), flops_per_token(folder))
 
 
-def compiled(args, bits) -> bool:
-    """--compile_layers as train.sh defaults it (glmtune.parsing): on for bf16/fp16 bases on a GPU."""
-    return args.compile_layers if args.compile_layers is not None else (bits is None and torch.cuda.is_available())
+def compiled(args) -> bool:
+    """--compile_layers as train.sh defaults it (glmtune.parsing): on when training on a GPU."""
+    return args.compile_layers if args.compile_layers is not None else torch.cuda.is_available()
 
 
 def run_naive(folder, row, method, bits, setting, args, samples=None, accumulation: int = 1) -> Result:
@@ -609,7 +609,7 @@ def main() -> None:
         "--compile_layers",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="glmtune rows: compiled decoder layers (default as train.sh: on for bf16 bases on a GPU)",
+        help="glmtune rows, recipe rows too: compiled decoder layers (default as train.sh: on a GPU)",
     )
     parser.add_argument(
         "--padding_free",
