@@ -29,6 +29,7 @@ import torch
 from glmtune import chatglm
 from glmtune.errors import GlmtuneError
 from glmtune.parsing import parse_args
+from glmtune.speed.memory import check_before_loading
 from glmtune.workflow import build_model, prepare_data, run_tasks
 
 EFFECTIVE_BATCH = 16
@@ -80,6 +81,8 @@ def recipe_argv(method: str, folder: str, train_file: str, output_dir: str, bits
         argv += ["--quantization_bit", str(bits)]
     if budget is not None:
         argv += ["--max_memory_gib", str(budget)]
+    if args.compile_layers is not None:  # else train.sh's default
+        argv += ["--compile_layers", str(args.compile_layers)]
     return argv
 
 
@@ -106,6 +109,7 @@ def _budget_row(config, model, tokenizer, prompt_format, datasets, method, preci
     timer = benchmark.StepTimer(args.warmup, args.steps)
     cap_memory(budget)
     try:
+        check_before_loading(config)  # as a run with this budget would, before its base is loaded
         metrics = run_tasks(config, model, tokenizer, prompt_format, datasets, callbacks=[timer])
     except (GlmtuneError, torch.OutOfMemoryError) as error:
         return RecipeRow(name, "glmtune", precision, budget, error=str(error).splitlines()[0][:160])
