@@ -6,7 +6,8 @@
 # published recipe: MODEL=/path/to/glm-4-9b TRAIN_FILE=AdvertiseGen/train.json DEV_FILE=AdvertiseGen/dev.json
 #   PRE_SEQ_LEN=128 LR=2e-2 QUANTIZATION_BIT=4 MAX_SOURCE_LENGTH=64 MAX_TARGET_LENGTH=64 BATCH_SIZE=1 GRAD_ACCUM=16 MAX_STEPS=3000
 # On a GPU, BATCH_SIZE x GRAD_ACCUM (16) is run as fits MAX_MEMORY_GIB: on an H200 limited to 6 GiB that recipe ran
-# 16 x 1 with every layer checkpointed, 3000 steps in about 16 min (P-Tuning v2) / 21 min (LoRA); docs/benchmarks.md.
+# with every layer checkpointed, 3000 steps in about 10 min (P-Tuning v2, 16 x 1) / 28 min (LoRA, 8 x 2; 15 min within
+# 8 GiB), where transformers + PEFT at 1 x 16 take 2.1 / 5.2 hours; docs/benchmarks.md, run 23.
 set -euo pipefail
 source "$(dirname "$0")/../scripts/common.sh"  # REPO; paths you give are relative to where you run this
 
