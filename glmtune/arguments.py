@@ -314,7 +314,7 @@ class RunArguments:
             "(glmtune/speed/fast_lora.py): "
             "1.4-1.9x faster steps on an H100 after about a minute of compilation (nf4 bases on an H200: LoRA "
             "1.46x, P-Tuning v2 1.27x). Default: on when training on a CUDA GPU, 4/8-bit bases included; off on "
-            "CPU, under DeepSpeed ZeRO-3 and for AdaLoRA."
+            "CPU, under DeepSpeed ZeRO-3, for AdaLoRA and for DoRA on a 4/8-bit base."
         },
     )
     padding_free: bool | None = field(

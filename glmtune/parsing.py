@@ -565,6 +565,8 @@ def _fill_defaults(config: RunConfig) -> None:
             and _cuda_available()
             and zero_stage(training) != 3  # see _distributed_problems
             and config.lora.lora_variant != "adalora"  # its layers keep PEFT's forward (glmtune.speed.fast_lora)
+            # PEFT's DoRA reads the 4/8-bit weight's class: a graph break in every layer, not measured on a GPU
+            and not (config.lora.use_dora and config.model.quantization_bit)
         )
     if config.run.padding_free is None and not (
         training.do_train and _cuda_available() and config.model.torch_dtype != "float32"

@@ -263,6 +263,8 @@ def test_valid_lora_fills_defaults(tiny_model_dir, tmp_path):
         ([], True),
         (["--quantization_bit", 4], True),  # measured on an H200: nf4 LoRA 1.46x, P-Tuning v2 1.27x (run 22)
         (["--quantization_bit", 8], True),
+        (["--quantization_bit", 4, "--use_dora", "True"], False),  # graph breaks in PEFT's DoRA on bitsandbytes
+        (["--use_dora", "True"], True),
         (["--lora_variant", "adalora", "--max_steps", 10], False),  # its layers keep PEFT's forward
         (["--compile_layers", "False"], False),
     ],
