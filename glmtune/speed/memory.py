@@ -119,7 +119,7 @@ def _checkpointed_time(probes: list, micro_batch: int, checkpointed: float) -> f
     no slope, and the line through the origin would say a larger micro-batch gains nothing (2026-12-03, nf4 LoRA
     within 5.3 GiB: that chose 1 x 16 at 5.1 samples/s over 8 x 2 checkpointed at 29); the checkpointed
     line's own times are used then."""
-    if sum(p.checkpointed == 0.0 and p.peak_bytes is not None for p in probes) < 2:
+    if len(_fitted(probes, 0.0)) < 2:
         return None
     line = _line(probes, 0.0)
     seconds = _at(line, micro_batch)[1]
@@ -146,9 +146,7 @@ def _at(line: tuple, micro_batch: int) -> tuple:
 def _line(probes: list, share: float):
     """Intercept and per-sample slope of peak memory and of time at one share, through its two largest probes
     that fitted; through the origin when only one fitted (an overestimate: larger micro-batches do not fit)."""
-    fitted = sorted(
-        (p for p in probes if p.checkpointed == share and p.peak_bytes is not None), key=lambda p: p.micro_batch
-    )
+    fitted = _fitted(probes, share)
     if not fitted:
         return None
     if len(fitted) == 1:
@@ -163,6 +161,13 @@ def _line(probes: list, share: float):
         peak_slope,
         max(0.0, low.seconds - low.micro_batch * time_slope),
         time_slope,
+    )
+
+
+def _fitted(probes: list, share: float) -> list:
+    """The probes at one share of checkpointed layers that fitted, smallest micro-batch first."""
+    return sorted(
+        (p for p in probes if p.checkpointed == share and p.peak_bytes is not None), key=lambda p: p.micro_batch
     )
 
 
