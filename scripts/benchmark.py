@@ -639,6 +639,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model, to check this script")
     parser.add_argument("--json", default=None, help="also append the results here, a JSON line per row as it ends")
     args = parser.parse_args()
+    if args.quantized_lora_branch == "peft" and compiled(args):
+        # compile_decoder_layers switches every LoRA layer to the bf16 branch, so the flag would measure nothing
+        parser.error("--quantized_lora_branch peft needs uncompiled layers: add --no-compile_layers")
     if args.rows == "recipe":
         import benchmark_recipe  # beside this script
 

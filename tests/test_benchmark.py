@@ -88,6 +88,15 @@ def test_unknown_rows_are_refused(tmp_path):
     assert not (tmp_path / "model").exists()  # refused before building anything
 
 
+def test_peft_lora_branch_with_compiled_layers_is_refused(tmp_path):
+    """Compiled layers switch LoRA to the bf16 branch: the comparison the flag asks for would not happen."""
+    command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--tiny", "--model", str(tmp_path / "model"),
+               "--rows", "lora-int4-throughput", "--quantized_lora_branch", "peft", "--compile_layers"]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "--quantized_lora_branch peft needs uncompiled layers" in out.stderr
+    assert not (tmp_path / "model").exists()
+
+
 @needs_shared
 @pytest.mark.slow
 def test_tiny_recipe_section_runs_train_sh_path_and_the_naive_one(tmp_path):
