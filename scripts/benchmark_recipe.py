@@ -146,11 +146,16 @@ class RecipeRow:
 
 
 def naive_row(glm_folder: str, samples: list, method: str, precision: str, args) -> RecipeRow:
+    """The naive path at 1 x 16: one step warms up, one is timed (16 micro-batches; eager code, nothing to
+    compile, so more steps would add minutes to the section and nothing to the figure). Its peak is what the
+    allocator reserved, as for glmtune's rows: what a card must hold."""
+    timing = copy.copy(args)
+    timing.warmup, timing.steps = 1, 1
     result = benchmark.run_naive(
-        glm_folder, f"recipe-{method}-{precision}-naive", method, BITS[precision], NAIVE_SETTING, args,
+        glm_folder, f"recipe-{method}-{precision}-naive", method, BITS[precision], NAIVE_SETTING, timing,
         samples=samples, accumulation=EFFECTIVE_BATCH,
     )  # fmt: skip
-    peak = None if result.peak_gib != result.peak_gib else result.peak_gib  # nan: not measured (no CUDA)
+    peak = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None  # since run_naive's reset
     row = RecipeRow(result.row, "naive", precision, None, result.samples_per_s, peak, "1 x 16", result.loss)
     benchmark.save_json(args.json, row)
     print(row, flush=True)

@@ -164,6 +164,40 @@ def test_a_budget_nothing_fits_is_one_error_naming_what_would(tiny_model_dir):
     assert "needs 4.0 GiB" in message and "\n" not in message
 
 
+class Recorder:
+    """Probes in the order they are asked for; memory as :func:`probes` with 4 GiB of weights, out of memory
+    above ``limit_gib``."""
+
+    num_layers = 28
+
+    def __init__(self, limit_gib: float):
+        self.limit, self.asked = limit_gib * GIB, []
+
+    def __call__(self, micro_batch, every_n_layers, repeats=2):
+        from glmtune.speed.memory import Probe
+
+        self.asked.append((micro_batch, every_n_layers))
+        share = 0.0 if every_n_layers is None else 1.0
+        slope = 0.5 if every_n_layers is None else 0.05
+        peak = (4.0 + micro_batch * slope) * GIB
+        seconds = (0.05 + 0.01 * micro_batch) * (1.5 if every_n_layers else 1.0)
+        return Probe(micro_batch, share, peak if peak <= self.limit else None, seconds)
+
+
+def test_probes_start_large_and_leave_out_one_sample_where_two_larger_fit():
+    """The first probe compiles the layers for shapes in general; micro-batch 1 would compile its own code."""
+    from glmtune.speed.memory import fit
+
+    roomy = Recorder(limit_gib=80)
+    plan = fit(roomy, effective_batch=16, budget_bytes=80 * GIB)
+    assert roomy.asked[:4] == [(4, None), (2, None), (4, 1), (2, 1)]
+    assert all(micro_batch > 1 for micro_batch, _ in roomy.asked)
+    assert (plan.micro_batch, plan.every_n_layers) == (16, None)
+    tight = Recorder(limit_gib=5.5)  # without checkpointing only micro-batch 2 and 1 fit
+    fit(tight, effective_batch=16, budget_bytes=5.5 * GIB)
+    assert tight.asked[:5] == [(4, None), (2, None), (1, None), (4, 1), (2, 1)]
+
+
 def test_train_results_hold_the_peak_memory(tiny_model_dir, tmp_path):
     import json
 

@@ -89,9 +89,15 @@ def compile_decoder_layers(model) -> None:
     * LoRA branches compute in the base's dtype inside one ``addmm`` (:mod:`glmtune.speed.fast_lora`);
     * ``torch.compile`` with dynamic shapes on every decoder layer: the layers share their code, so it
       compiles once (about a minute) and serves every layer and batch length; it fuses the element-wise
-      work around the matrix products (norms, rotary, activation) that eager runs as separate kernels.
+      work around the matrix products (norms, rotary, activation) that eager runs as separate kernels;
+    * the embeddings' output requires grad, so the first layer's input is like every other layer's: compiled code
+      is guarded on its inputs' ``requires_grad``, and a frozen embedding made the first layer a graph of its own
+      (compiled again for every batch shape class, about 15 s each on an H200). The price is the gradient of
+      the first layer's input, which nothing reads: one matrix product's worth, about 0.2% of a step.
     """
     use_fast_attention(model)
     lora_in_base_dtype(model)
-    for layer in base_causal_lm(model).get_decoder().layers:
+    causal_lm = base_causal_lm(model)
+    causal_lm.enable_input_require_grads()
+    for layer in causal_lm.get_decoder().layers:
         layer.compile(dynamic=True)

@@ -239,6 +239,19 @@ class Prober:
         return Probe(micro_batch, share, torch.cuda.max_memory_reserved(), seconds)
 
 
+def _probe_line(prober: Prober, effective_batch: int, every_n_layers: int | None) -> list:
+    """Probes for the line at one checkpointing setting: micro-batches 4 and 2 (the effective batch's size if
+    smaller), and 1 only where fewer than two of them fitted. Largest first, and 1 left out where it can be:
+    the first call compiles the decoder layers for shapes in general, a micro-batch of one sample gets code of
+    its own (its sample boundaries are a single one), about 20 s of compiling on an H200 that a plan of two or
+    more samples never runs."""
+    sizes = sorted({min(effective_batch, 4), min(effective_batch, 2)}, reverse=True)
+    probes = [prober(micro_batch, every_n_layers) for micro_batch in sizes]
+    if sizes[-1] > 1 and len(_fitted(probes, probes[0].checkpointed)) < 2:
+        probes.append(prober(1, every_n_layers))
+    return probes
+
+
 def set_checkpointing(model, every_n_layers: int | None) -> None:
     """transformers' gradient checkpointing on every ``every_n_layers``-th decoder layer (None: off)."""
     if every_n_layers is None:
@@ -257,11 +270,9 @@ def fit(
 ) -> Plan:
     """The fastest plan that fits ``budget_bytes``, measured; a GlmtuneError naming what would fit otherwise."""
     probes = []
-    high = min(effective_batch, 4)
     shares = [every_n_layers] if every_n_layers is not ... else [None, 1]
     for n in shares:
-        for micro_batch in sorted({1, high} | ({2} if high > 2 else set())):
-            probes.append(prober(micro_batch, n))
+        probes += _probe_line(prober, effective_batch, n)
     for plan in choose(probes, effective_batch, prober.num_layers, budget_bytes, extra_bytes, every_n_layers)[:3]:
         measured = prober(plan.micro_batch, plan.every_n_layers, repeats=1)
         if measured.peak_bytes is not None and measured.peak_bytes + extra_bytes <= budget_bytes:
@@ -272,7 +283,8 @@ def fit(
                 measured.peak_bytes + extra_bytes,
                 plan.samples_per_s,
             )
-    smallest = [p for p in probes if p.micro_batch == 1 and p.peak_bytes is not None]
+    smallest = [p for p in probes if p.micro_batch == 1] or [prober(1, n) for n in shares]
+    smallest = [p for p in smallest if p.peak_bytes is not None]
     needed = min((p.peak_bytes for p in smallest), default=None)
     need = f"needs {(needed + extra_bytes) / GIB:.1f} GiB here" if needed else "does not fit at all here"
     raise GlmtuneError(
